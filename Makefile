@@ -1,0 +1,55 @@
+# Run `make help` for the list of targets.
+# TORCH picks the torch build: the default pin gets the CPU wheel where one is cached and the
+# CUDA wheel from PyPI elsewhere; e.g. `make train TORCH="torch==2.5.1"` for your own build.
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+VENV   ?= .venv
+CONFIG ?= configs/sft.yaml
+ARGS   ?=
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-fast lint format tensorboard data assets clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create the virtual environment and install the project (first time only)
+
+train: $(STAMP) ## Train on the embedded default (CONFIG=configs/sft.yaml, ARGS="--trainer.max_steps 50")
+	$(BIN)/python train.py fit --config $(CONFIG) $(ARGS)
+
+test: $(STAMP) ## Run the whole test suite
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## Run the tests that take seconds (no end-to-end runs)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## Apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+tensorboard: $(STAMP) ## Open TensorBoard on runs/ (http://localhost:6006)
+	$(BIN)/tensorboard --logdir runs --port 6006
+
+data: $(STAMP) ## Rebuild the demo datasets in data/demo (deterministic)
+	$(BIN)/python scripts/build_demo_data.py
+
+assets: $(STAMP) ## Rebuild the tiny tokenizer and model config in assets/ (deterministic)
+	$(BIN)/python scripts/build_assets.py
+
+clean: ## Remove runs, caches and the virtual environment
+	rm -rf runs .pytest_cache .ruff_cache $(VENV)

@@ -1,0 +1,27 @@
+"""Export of the trained model and tokenizer to ``<run>/hf`` for plain transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class HFExport(pl.Callback):
+    """Write ``save_pretrained`` output (safetensors) at the end of fit.
+
+    Args:
+        dirname: Folder name inside the run directory.
+    """
+
+    def __init__(self, dirname: str = "hf") -> None:
+        self.dirname = dirname
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        out = Path(trainer.log_dir) / self.dirname
+        pl_module.model.save_pretrained(out, safe_serialization=True)
+        pl_module.tokenizer.save_pretrained(out)
+        rank_zero_info(f"[export] model and tokenizer written to {out}")

@@ -1,0 +1,115 @@
+"""The command line: LightningCLI with this template's defaults and argument links.
+
+``python train.py fit --config configs/sft.yaml`` and ``cli_main([...])`` build the same CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from src.datamodules.base import BaseDataModule
+from src.modules.base import CausalLMModule
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class LLMCLI(LightningCLI):
+    """LightningCLI in subclass mode for model and data, with run-directory conventions.
+
+    Runs are written to ``runs/<experiment>/version_N/`` (TensorBoard events, ``config.yaml``,
+    ``checkpoints/``, ``hf/``). ``--ckpt_path last`` resumes the newest run of the experiment
+    in its own directory.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
+        parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.filename": "step={step}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.every_n_train_steps": 500,
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "default"},
+                },
+                "trainer.callbacks": [
+                    {
+                        "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+                        "init_args": {"logging_interval": "step"},
+                    }
+                ],
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is None or not config.get("ckpt_path"):
+            return
+        logger = config["trainer"].get("logger")
+        if not logger or "TensorBoardLogger" not in str(logger.get("class_path", "")):
+            return
+        args = logger["init_args"]
+        experiment_dir = Path(args["save_dir"]) / (args.get("name") or "default")
+        ckpt_path, version = resolve_checkpoint(config["ckpt_path"], experiment_dir)
+        config["ckpt_path"] = ckpt_path
+        if version is not None and args.get("version") is None:
+            args["version"] = version  # keep writing into the run being resumed
+
+
+def resolve_checkpoint(ckpt_path: str, experiment_dir: Path) -> tuple[str, int | None]:
+    """Map ``last`` to the newest ``last.ckpt`` of the experiment; find a path's version.
+
+    Returns the checkpoint path and the ``version_N`` number of the run it belongs to, if any.
+    """
+    if ckpt_path == "last":
+        found = sorted(
+            experiment_dir.glob("version_*/checkpoints/last.ckpt"),
+            key=lambda p: _version_number(p.parent.parent.name),
+        )
+        if not found:
+            raise FileNotFoundError(
+                f"--ckpt_path last: no {experiment_dir}/version_*/checkpoints/last.ckpt to resume"
+            )
+        ckpt_path = str(found[-1])
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    run_dir = path.resolve().parent.parent
+    if run_dir.parent == experiment_dir.resolve() and run_dir.name.startswith("version_"):
+        return ckpt_path, _version_number(run_dir.name)
+    return ckpt_path, None
+
+
+def _version_number(name: str) -> int:
+    match = re.fullmatch(r"version_(\d+)", name)
+    return int(match.group(1)) if match else -1
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> LLMCLI:
+    """Build the CLI (and run the subcommand when ``run``), as ``train.py`` does."""
+    kwargs: dict[str, Any] = {}
+    if not run:
+        kwargs["run"] = False
+    return LLMCLI(
+        CausalLMModule,
+        BaseDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        **kwargs,
+    )
+
+
+__all__ = ["LLMCLI", "cli_main", "resolve_checkpoint"]

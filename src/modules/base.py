@@ -1,0 +1,228 @@
+"""``CausalLMModule``: what every objective shares.
+
+Model creation (in ``configure_model``, so sharded strategies can shard it), the optimizer
+with weight-decay groups, the per-step schedule, and exact loss accounting: an objective
+returns a *sum* over its units (label tokens, preference pairs) and their count, and the
+gradients of an optimizer step are rescaled so that the step's loss is the mean over every
+unit of the step, across gradient-accumulation micro-batches and devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from src.datamodules.base import load_tokenizer
+from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class LossTerms:
+    """A micro-batch's summed loss over ``count`` units, and further sums to average alike."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class CausalLMModule(pl.LightningModule):
+    """A causal language model and its training plumbing; subclasses define ``loss_terms``.
+
+    Args:
+        model_name_or_path: Hub id or local directory of the model (or of its config alone).
+        from_scratch: Initialise weights randomly from the config instead of loading them.
+        tokenizer: Tokenizer for generation and export (linked from ``data.tokenizer``).
+        max_length: Longest row in tokens (linked from ``data.max_length``).
+        torch_dtype: Weight dtype; ``auto`` keeps the checkpoint's. Use a ``*-true``
+            trainer precision or mixed precision to match.
+        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2`` or ``flex_attention``.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        trust_remote_code: Allow model code shipped with a hub checkpoint to run.
+        optimizer: Optimizer class and arguments (``class_path`` + ``init_args``); biases
+            and norm weights are put in a group without weight decay.
+        scheduler: Learning-rate shape after warmup: ``cosine``, ``linear`` or ``constant``.
+        warmup: Warmup length: a fraction of all optimizer steps below 1, else a step count.
+        min_lr_ratio: Final learning rate as a fraction of the peak.
+    """
+
+    log_perplexity = False
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        from_scratch: bool = False,
+        tokenizer: str | None = None,
+        max_length: int | None = None,
+        torch_dtype: DType = "float32",
+        attn_implementation: str | None = "sdpa",
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: ScheduleName = "cosine",
+        warmup: float = 0.0,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model_name_or_path = model_name_or_path
+        self.from_scratch = from_scratch
+        self.tokenizer_name_or_path = tokenizer or model_name_or_path
+        self.max_length = max_length
+        self.torch_dtype = torch_dtype
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = gradient_checkpointing
+        self.trust_remote_code = trust_remote_code
+        self.optimizer_factory = optimizer
+        self.scheduler = scheduler
+        self.warmup = warmup
+        self.min_lr_ratio = min_lr_ratio
+        self.model: PreTrainedModel | None = None
+        self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, trust_remote_code)
+        self._step_sums: dict[str, torch.Tensor] = {}
+        self._val_sums: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self.build_model()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        rank_zero_info(f"[model] {type(self.model).__name__}: {n_params / 1e6:.2f}M parameters")
+
+    def build_model(self) -> PreTrainedModel:
+        dtype = "auto" if self.torch_dtype == "auto" else getattr(torch, self.torch_dtype)
+        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": self.trust_remote_code}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.from_scratch:
+            config = AutoConfig.from_pretrained(
+                self.model_name_or_path, trust_remote_code=self.trust_remote_code
+            )
+            if dtype == "auto":
+                kwargs["dtype"] = torch.float32
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, **kwargs)
+        if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(self.tokenizer))
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if self.max_length and limit and self.max_length > limit:
+            rank_zero_warn(f"max_length {self.max_length} exceeds the model's {limit} positions")
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        return model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits for a batch; ``use_cache=False`` so packed rows get a block-diagonal mask."""
+        keys = ("input_ids", "attention_mask", "position_ids")
+        inputs = {k: batch[k] for k in keys if k in batch}
+        return self.model(**inputs, use_cache=False).logits
+
+    # ------------------------------------------------------------- objective
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
+        """The objective: summed loss of a micro-batch, its unit count, and metric sums."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        terms = self.loss_terms(batch)
+        _accumulate(self._step_sums, terms)
+        return terms.loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn the accumulated gradient of summed losses into that of the step's mean loss.
+
+        Lightning divides each micro-batch loss by ``accumulate_grad_batches`` and DDP/FSDP
+        average over devices; undoing both and dividing by the step's unit count over all
+        devices gives the exact mean, however the units fall across micro-batches.
+        """
+        totals = self._reduce(self._step_sums)
+        self._step_sums = {}
+        if not totals:
+            return
+        count = totals.pop("count")
+        if count > 0:
+            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / count
+            for p in self.trainer.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        self._log_means("train", totals, count, on_step=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        _accumulate(self._val_sums, self.loss_terms(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        totals = self._reduce(self._val_sums)
+        self._val_sums = {}
+        if self.trainer.sanity_checking or not totals:
+            return
+        count = totals.pop("count")
+        means = self._log_means("val", totals, count, on_step=False)
+        if self.log_perplexity and "loss" in means:
+            self.log("val/ppl", math.exp(min(means["loss"], 50.0)), sync_dist=False)
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keys = sorted(sums)  # same order on every rank
+        if not keys:
+            return {}
+        stacked = torch.stack([sums[k].detach().float() for k in keys])
+        stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
+        return dict(zip(keys, stacked, strict=True))
+
+    def _log_means(
+        self, stage: str, totals: dict[str, torch.Tensor], count: torch.Tensor, on_step: bool
+    ) -> dict[str, float]:
+        means = {k: (v / count.clamp(min=1)).item() for k, v in totals.items()}
+        for key, value in means.items():
+            self.log(
+                f"{stage}/{key}",
+                value,
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=key == "loss",
+                sync_dist=False,
+                batch_size=1,
+            )
+        return means
+
+    # ------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.trainer.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            skip = param.ndim < 2 or "bias" in name or "norm" in name.lower()
+            (no_decay if skip else decay).append(param)
+        optimizer = self.optimizer_factory(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        )
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "the number of optimizer steps is unknown (iterable data): set trainer.max_steps"
+            )
+        total = int(total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lr_multiplier(
+                self.scheduler, total, warmup_steps(self.warmup, total), self.min_lr_ratio
+            ),
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},
+        }
+
+
+def _accumulate(store: dict[str, torch.Tensor], terms: LossTerms) -> None:
+    for key, value in {"loss": terms.loss_sum, "count": terms.count, **terms.sums}.items():
+        value = value.detach().float()
+        store[key] = store[key] + value if key in store else value

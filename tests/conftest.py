@@ -1,0 +1,57 @@
+"""Shared fixtures: the committed tiny tokenizer, a smaller model config, data writers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets" / "tiny-llama"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from src.datamodules.base import load_tokenizer
+
+    return load_tokenizer(str(ASSETS))
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A directory holding a 2-layer, 64-wide Llama config and the tiny tokenizer."""
+    path = tmp_path_factory.mktemp("micro-llama")
+    LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def conversation(*turns: str, system: str | None = None) -> dict:
+    """A ``messages`` row alternating user and assistant turns."""
+    messages = [{"role": "system", "content": system}] if system else []
+    roles = ["user", "assistant"]
+    messages += [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return {"messages": messages}

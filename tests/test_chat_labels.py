@@ -1,0 +1,86 @@
+"""Label masks from the chat template: only assistant turns, each with its end-of-turn token."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerFast
+
+from src.datamodules.chat import IGNORE_INDEX, prompt_messages, tokenize_conversation
+from tests.conftest import conversation
+
+# A Llama-3-style template without {% generation %} markers that adds a date line the
+# messages do not contain, and a BOS of its own.
+LLAMA3_STYLE = (
+    "{{- bos_token }}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nToday Date: 23 Nov 2026\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- set messages = messages[1:] %}{%- endif %}{{- '<|eot_id|>' }}"
+    "{%- for m in messages %}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{- m['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
+)
+
+
+def trained_text(tokenizer, tokenized) -> list[str]:
+    """Decoded runs of consecutive trained tokens."""
+    runs, current = [], []
+    for token, label in zip(tokenized.input_ids, tokenized.labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def test_multi_turn_with_system_prompt_trains_assistant_turns_and_their_end(tokenizer):
+    row = conversation(
+        "What is 12 + 30?", "42", "Now add 5 to that.", "47", system="You are a terse assistant."
+    )
+    tok = tokenize_conversation(tokenizer, row["messages"])
+    assert trained_text(tokenizer, tok) == ["42<|im_end|>", "47<|im_end|>"]
+    assert tokenizer.decode(tok.input_ids).startswith("<|im_start|>system\nYou are a terse")
+    # The end-of-turn token of each assistant turn is trained; none of the others is.
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert sum(t == eot for t in tok.input_ids) == 5
+    assert sum(label == eot for label in tok.labels) == 2
+
+
+def test_no_assistant_turn_gives_no_labels(tokenizer):
+    tok = tokenize_conversation(tokenizer, [{"role": "user", "content": "hello"}])
+    assert all(label == IGNORE_INDEX for label in tok.labels)
+
+
+def _llama3_like(tokenizer) -> PreTrainedTokenizerFast:
+    other = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    other.add_special_tokens(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "pad_token": "<|endoftext|>",
+            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
+        }
+    )
+    other.chat_template = LLAMA3_STYLE
+    return other
+
+
+def test_template_with_injected_text_and_bos_masks_right_and_has_one_bos(tokenizer):
+    other = _llama3_like(tokenizer)
+    row = conversation(
+        "Reverse the words: red fox", "fox red", "Uppercase it.", "FOX RED", system="Be brief."
+    )
+    tok = tokenize_conversation(other, row["messages"])
+    assert trained_text(other, tok) == ["fox red<|eot_id|>", "FOX RED<|eot_id|>"]
+    assert tok.input_ids.count(other.bos_token_id) == 1
+    assert tok.input_ids[0] == other.bos_token_id
+
+
+def test_prompt_messages_stop_before_last_assistant_turn():
+    messages = conversation("a", "b", "c", "d")["messages"]
+    assert prompt_messages(messages) == messages[:3]

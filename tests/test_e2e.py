@@ -1,0 +1,113 @@
+"""An end-to-end fit of configs/sft.yaml with small limits, and resume from last.ckpt."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from src.callbacks import generate
+from src.cli import cli_main
+
+pytestmark = pytest.mark.slow
+
+
+def fit_args(runs: Path, model_dir: Path, max_steps: int, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        "configs/sft.yaml",
+        "--trainer.logger.init_args.save_dir",
+        str(runs),
+        "--trainer.max_steps",
+        str(max_steps),
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--checkpoint.every_n_train_steps",
+        "3",
+        "--model.init_args.model_name_or_path",
+        str(model_dir),
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_length",
+        "96",
+        *extra,
+    ]
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    values = []
+    for path in sorted(glob.glob(str(run_dir / "events.out.tfevents.*"))):
+        acc = EventAccumulator(path, size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return values
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, micro_model_dir):
+    runs = tmp_path_factory.mktemp("runs")
+    cli_main(fit_args(runs, micro_model_dir, 6))
+    return runs, runs / "sft" / "version_0"
+
+
+def test_fit_writes_config_events_checkpoints_and_samples(first_run, micro_model_dir):
+    _, run_dir = first_run
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["class_path"] == "src.modules.SFTModule"
+    assert config["model"]["init_args"]["model_name_or_path"] == str(micro_model_dir)
+    assert config["trainer"]["max_steps"] == 6
+
+    train_loss = scalars(run_dir, "train/loss")
+    assert len(train_loss) == 6 and all(0 < v < 20 for _, v in train_loss)
+    assert [s for s, _ in scalars(run_dir, "val/loss")] == [2, 5]
+    assert scalars(run_dir, "val/ppl") and scalars(run_dir, "val/token_accuracy")
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    text_tags = acc.Tags()["tensors"]
+    assert any(t.startswith("samples") for t in text_tags)
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {3, 6}
+    assert all(set(s) == {"step", "prompt", "reference", "output"} for s in samples)
+
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step=3.ckpt", "step=6.ckpt"]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_hf_export_loads_and_generates_with_plain_transformers(first_run):
+    _, run_dir = first_run
+    hf = run_dir / "hf"
+    assert (hf / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    [text] = generate(model, tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}]], 5)
+    assert isinstance(text, str)
+    ids = tokenizer("What is", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4) or out[0, -1] == tokenizer.eos_token_id
+
+
+def test_resume_from_last_continues_the_same_run(first_run, micro_model_dir):
+    runs, run_dir = first_run
+    cli_main(fit_args(runs, micro_model_dir, 9, "--ckpt_path", "last"))
+    assert sorted(p.name for p in (runs / "sft").iterdir()) == ["version_0"]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 9
+    steps = [s for s, _ in scalars(run_dir, "train/loss")]
+    assert steps == sorted(set(steps)) and len(steps) == 9  # 6 before, 3 after, none repeated

@@ -1,0 +1,83 @@
+"""The loss of an optimizer step is the mean over all its label tokens, however it is split."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from src.datamodules import SFTDataModule
+from src.modules import SFTModule
+from src.modules.losses import token_cross_entropy
+from tests.conftest import ASSETS, conversation, write_jsonl
+
+
+class Recorder(pl.Callback):
+    def __init__(self) -> None:
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.initial = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+
+
+def one_step(data_file, model_dir, micro_batch: int, accumulate: int):
+    pl.seed_everything(0)
+    data = SFTDataModule(
+        tokenizer=str(ASSETS), train_files=str(data_file), val_split=0.0, batch_size=micro_batch
+    )
+    module = SFTModule(
+        model_name_or_path=str(model_dir),
+        from_scratch=True,
+        optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+        scheduler="constant",
+    )
+    recorder = Recorder()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=[recorder],
+    )
+    trainer.fit(module, data)
+    final = module.model.state_dict()
+    update = {k: recorder.initial[k] - final[k] for k in final}  # SGD, lr 1: the gradient
+    return update, trainer.callback_metrics["train/loss"].item(), recorder
+
+
+@pytest.fixture(scope="module")
+def variable_length_data(tmp_path_factory):
+    rows = [
+        conversation("What is 2 + 3?", "5"),
+        conversation("Reverse the words: red fox sleeps", "sleeps fox red"),
+        conversation("Uppercase: blue bird", "BLUE BIRD", "Now reverse it.", "BIRD BLUE"),
+        conversation("Sort these numbers: 9 4 7 1 3 8", "1 3 4 7 8 9"),
+    ] * 2
+    return write_jsonl(tmp_path_factory.mktemp("acc") / "train.jsonl", rows)
+
+
+def test_accumulated_micro_batches_equal_one_batch(variable_length_data, micro_model_dir):
+    full, full_loss, rec_full = one_step(variable_length_data, micro_model_dir, 4, 1)
+    accum, accum_loss, rec_accum = one_step(variable_length_data, micro_model_dir, 1, 4)
+    assert len(rec_full.batches) == 1 and len(rec_accum.batches) == 4
+    for name, value in full.items():
+        torch.testing.assert_close(accum[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+    # The logged loss is the token-weighted mean over the step, computed here by hand.
+    model = AutoModelForCausalLM.from_pretrained(micro_model_dir)
+    model.load_state_dict(rec_accum.initial)
+    sums, counts = [], []
+    with torch.no_grad():
+        for batch in rec_accum.batches:
+            logits = model(input_ids=batch["input_ids"]).logits
+            loss_sum, count, _ = token_cross_entropy(logits, batch["labels"])
+            sums.append(loss_sum.item())
+            counts.append(count.item())
+    token_mean = sum(sums) / sum(counts)
+    mean_of_means = sum(s / c for s, c in zip(sums, counts, strict=True)) / len(sums)
+    assert len(set(counts)) > 1 and abs(token_mean - mean_of_means) > 1e-3
+    assert accum_loss == pytest.approx(token_mean, rel=1e-5)
+    assert full_loss == pytest.approx(token_mean, rel=1e-5)
