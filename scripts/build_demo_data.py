@@ -15,7 +15,8 @@ The tasks are tiny and learnable by a few-million-parameter model in minutes on 
 reverse words, sort numbers, add two numbers, uppercase a phrase, first / last word or
 word count, and two-turn follow-ups ("Now add 5 to that.", "Now uppercase it.", ...).
 A system prompt such as "Answer in uppercase." changes the answer in a learnable way.
-All words come from a fixed vocabulary of 150 short English words, numbers are below 100.
+All words come from a fixed vocabulary of 150 short English words; phrases are short (1-4
+words) and numbers small (additions of two numbers below 70, sorts of 2-3 numbers below 50).
 
 No problem (task + payload) that occurs in any validation file occurs in any training
 file, and no problem repeats within a file. Only the standard library is used.
@@ -484,7 +485,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "demo")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--n-train", type=int, default=6000, help="SFT train rows")
+    parser.add_argument("--n-train", type=int, default=8000, help="SFT train rows")
     parser.add_argument("--n-val", type=int, default=200, help="SFT val rows")
     parser.add_argument(
         "--other-fraction",

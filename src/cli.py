@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ from src.datamodules.base import BaseDataModule
 from src.modules.base import CausalLMModule
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Deprecation notices raised inside torchdata and lightning themselves, not actionable here.
+warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
+warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated")
 
 
 class LLMCLI(LightningCLI):

@@ -73,7 +73,7 @@ def test_fit_writes_config_events_checkpoints_and_samples(first_run, micro_model
 
     train_loss = scalars(run_dir, "train/loss")
     assert len(train_loss) == 6 and all(0 < v < 20 for _, v in train_loss)
-    assert [s for s, _ in scalars(run_dir, "val/loss")] == [2, 5]
+    assert [s for s, _ in scalars(run_dir, "val/loss")] == [0, 2, 5]  # step 0: untrained
     assert scalars(run_dir, "val/ppl") and scalars(run_dir, "val/token_accuracy")
 
     acc = EventAccumulator(str(run_dir))
@@ -81,7 +81,7 @@ def test_fit_writes_config_events_checkpoints_and_samples(first_run, micro_model
     text_tags = acc.Tags()["tensors"]
     assert any(t.startswith("samples") for t in text_tags)
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert {s["step"] for s in samples} == {3, 6}
+    assert {s["step"] for s in samples} == {0, 3, 6}
     assert all(set(s) == {"step", "prompt", "reference", "output"} for s in samples)
 
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -111,3 +111,5 @@ def test_resume_from_last_continues_the_same_run(first_run, micro_model_dir):
     assert last["global_step"] == 9
     steps = [s for s, _ in scalars(run_dir, "train/loss")]
     assert steps == sorted(set(steps)) and len(steps) == 9  # 6 before, 3 after, none repeated
+    # no second step-0 baseline on resume
+    assert [s for s, _ in scalars(run_dir, "val/loss")] == [0, 2, 5, 8]

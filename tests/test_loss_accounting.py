@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from src.datamodules import SFTDataModule
 from src.modules import SFTModule
@@ -67,7 +67,7 @@ def test_accumulated_micro_batches_equal_one_batch(variable_length_data, micro_m
         torch.testing.assert_close(accum[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
     # The logged loss is the token-weighted mean over the step, computed here by hand.
-    model = AutoModelForCausalLM.from_pretrained(micro_model_dir)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(micro_model_dir))
     model.load_state_dict(rec_accum.initial)
     sums, counts = [], []
     with torch.no_grad():
