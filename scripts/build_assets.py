@@ -2,10 +2,11 @@
 
 The tokenizer is trained with the ``tokenizers`` library on all the text in ``data/demo``
 (run ``scripts/build_demo_data.py`` first): white space, punctuation and digits are split
-into tokens of their own, then a GPT-2 style byte-level pre-tokenizer, decoder and post-processor (``trim_offsets=False`` so that offset
-mappings are exact character offsets). Special tokens: ``<|endoftext|>`` (pad),
-``<|im_start|>`` and ``<|im_end|>`` (eos); there is no BOS token. The chat template is
-ChatML in the Qwen2.5 style without a default system prompt.
+into tokens of their own, then a GPT-2 style byte-level pre-tokenizer, decoder and
+post-processor (``trim_offsets=False`` so that offset mappings are exact character offsets).
+Special tokens: ``<|endoftext|>`` (pad), ``<|im_start|>`` and ``<|im_end|>`` (eos); there is
+no BOS token. The chat template is ChatML in the Qwen2.5 style without a default system
+prompt.
 
 The model config is a ``LlamaConfig`` (no weights are saved: the template initialises the
 model from the config), plus a ``generation_config.json`` that stops on ``<|im_end|>``.
