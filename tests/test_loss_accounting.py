@@ -38,9 +38,15 @@ def one_step(data_file, model_dir, micro_batch: int, accumulate: int):
     )
     recorder = Recorder()
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[recorder],
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[recorder],
     )
     trainer.fit(module, data)
     final = module.model.state_dict()
