@@ -1,6 +1,12 @@
 """Train, validate, test or predict: ``python train.py fit --config configs/sft.yaml``."""
 
+import sys
+
 from src.cli import cli_main
+from src.datamodules import DataError
 
 if __name__ == "__main__":
-    cli_main()
+    try:
+        cli_main()
+    except DataError as err:  # the user's data: a message, not a traceback
+        sys.exit(f"data error: {err}")

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from src.callbacks import generate
 from src.cli import cli_main
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ def fit_args(runs: Path, model_dir: Path, max_steps: int, *extra: str) -> list[s
     return [
         "fit",
         "--config",
-        "configs/sft.yaml",
+        str(ROOT / "configs" / "sft.yaml"),
         "--trainer.logger.init_args.save_dir",
         str(runs),
         "--trainer.max_steps",
@@ -113,3 +114,33 @@ def test_resume_from_last_continues_the_same_run(first_run, micro_model_dir):
     assert steps == sorted(set(steps)) and len(steps) == 9  # 6 before, 3 after, none repeated
     # no second step-0 baseline on resume
     assert [s for s, _ in scalars(run_dir, "val/loss")] == [0, 2, 5, 8]
+
+
+def test_bad_data_stops_train_py_with_a_message_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n{"messages": [oops\n', encoding="utf-8")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "sft.yaml"),
+            "--data.init_args.train_files",
+            str(bad),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        cwd=ROOT,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"data error: {bad}:2: malformed JSON (Expecting value at column 15)"
+    )
+    assert "Traceback" not in result.stderr
