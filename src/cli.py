@@ -66,7 +66,7 @@ class LLMCLI(LightningCLI):
         experiment_dir = Path(args["save_dir"]) / (args.get("name") or "default")
         ckpt_path, version = resolve_checkpoint(config["ckpt_path"], experiment_dir)
         config["ckpt_path"] = ckpt_path
-        if version is not None and args.get("version") is None:
+        if self.subcommand == "fit" and version is not None and args.get("version") is None:
             args["version"] = version  # keep writing into the run being resumed
 
 

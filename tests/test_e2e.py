@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,23 @@ def test_hf_export_loads_and_generates_with_plain_transformers(first_run):
     ids = tokenizer("What is", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 4) or out[0, -1] == tokenizer.eos_token_id
+
+
+def test_test_subcommand_evaluates_a_checkpoint_without_touching_its_run(
+    first_run, micro_model_dir
+):
+    runs, run_dir = first_run
+    before = (run_dir / "config.yaml").read_text()
+    args = fit_args(runs, micro_model_dir, 6, "--ckpt_path", str(run_dir / "checkpoints/last.ckpt"))
+    args[0] = "test"
+    args += ["--trainer.logger.init_args.name", "evaluation"]
+    cli = cli_main(args)
+    metrics = cli.trainer.callback_metrics
+    assert 0 < metrics["test/loss"].item() < 20
+    assert metrics["test/ppl"].item() == pytest.approx(
+        math.exp(metrics["test/loss"].item()), rel=1e-4
+    )
+    assert (run_dir / "config.yaml").read_text() == before
 
 
 def test_resume_from_last_continues_the_same_run(first_run, micro_model_dir):

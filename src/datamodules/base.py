@@ -176,3 +176,7 @@ class BaseDataModule(pl.LightningDataModule):
         if len(self.datasets.get("val", [])) == 0:
             return []
         return self._loader("val", self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> StatefulDataLoader | list:
+        """``test`` evaluates on the validation data (the held-out split or ``val_files``)."""
+        return self.val_dataloader()

@@ -88,7 +88,7 @@ class CausalLMModule(pl.LightningModule):
         self.model: PreTrainedModel | None = None
         self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, trust_remote_code)
         self._step_sums: dict[str, torch.Tensor] = {}
-        self._val_sums: dict[str, torch.Tensor] = {}
+        self._eval_sums: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -157,17 +157,26 @@ class CausalLMModule(pl.LightningModule):
         self._log_means("train", totals, count, on_step=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        _accumulate(self._val_sums, self.loss_terms(batch))
+        _accumulate(self._eval_sums, self.loss_terms(batch))
+
+    test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
-        totals = self._reduce(self._val_sums)
-        self._val_sums = {}
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        """Means over every unit of the whole evaluation set, across devices."""
+        totals = self._reduce(self._eval_sums)
+        self._eval_sums = {}
         if self.trainer.sanity_checking or not totals:
             return
         count = totals.pop("count")
-        means = self._log_means("val", totals, count, on_step=False)
+        means = self._log_means(stage, totals, count, on_step=False)
         if self.log_perplexity and "loss" in means:
-            self.log("val/ppl", math.exp(min(means["loss"], 50.0)), sync_dist=False)
+            self.log(f"{stage}/ppl", math.exp(min(means["loss"], 50.0)), sync_dist=False)
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         keys = sorted(sums)  # same order on every rank
