@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from src.callbacks import generate
 from src.cli import cli_main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, conversation, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +120,35 @@ def test_test_subcommand_evaluates_a_checkpoint_without_touching_its_run(
         math.exp(metrics["test/loss"].item()), rel=1e-4
     )
     assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_predict_writes_completions_of_the_prompts(first_run, micro_model_dir, tmp_path):
+    runs, run_dir = first_run
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [conversation("How many words: red fox"), conversation("Uppercase: cat", "CAT")],
+    )
+    args = fit_args(runs, micro_model_dir, 6, "--ckpt_path", str(run_dir / "checkpoints/last.ckpt"))
+    args[0] = "predict"
+    args += [
+        "--trainer.logger.init_args.name",
+        "prediction",
+        "--data.init_args.predict_files",
+        str(prompts),
+        "--model.init_args.max_new_tokens",
+        "5",
+    ]
+    cli_main(args)
+    rows = [
+        json.loads(line)
+        for line in (runs / "prediction" / "version_0" / "predictions.jsonl").open()
+    ]
+    assert [r["prompt"][-1]["content"] for r in rows] == [
+        "How many words: red fox",
+        "Uppercase: cat",
+    ]
+    assert [r["reference"] for r in rows] == ["", "CAT"]
+    assert all(isinstance(r["output"], str) for r in rows)
 
 
 def test_resume_from_last_continues_the_same_run(first_run, micro_model_dir):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import datasets
+from torch.utils.data import DataLoader
 
-from src.datamodules.base import BaseDataModule, SplitStats
+from src.datamodules.base import BaseDataModule, SplitStats, as_list
 from src.datamodules.chat import IGNORE_INDEX, Message, prompt_messages, tokenize_conversation
 from src.datamodules.formats import ChatFormat, to_messages
 from src.datamodules.records import DataError, Record
@@ -17,12 +18,21 @@ class SFTDataModule(BaseDataModule):
 
     Args:
         format: ``auto`` (from the fields of each row), ``messages`` or ``alpaca``.
+        predict_files: Prompts for ``predict`` (rows of the same formats; a final assistant
+            turn, if any, is dropped and kept as the reference). Default: the validation data.
         **kwargs: See ``BaseDataModule``.
     """
 
-    def __init__(self, *args: Any, format: ChatFormat = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        format: ChatFormat = "auto",
+        predict_files: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.format = format
+        self.predict_files = as_list(predict_files)
 
     def build(self, records: list[Record], stats: SplitStats) -> datasets.Dataset:
         if records and not self.tokenizer.chat_template:
@@ -48,12 +58,26 @@ class SFTDataModule(BaseDataModule):
             rows["labels"].append(tok.labels)
         return datasets.Dataset.from_dict(rows)
 
-    def sample_prompts(self, n: int) -> list[tuple[list[Message], str]]:
+    def sample_prompts(self, n: int | None = None) -> list[tuple[list[Message], str]]:
         """The first ``n`` validation conversations as (prompt messages, reference answer)."""
-        samples = []
-        for record in self.val_records[:n]:
-            messages = to_messages(record, self.format)
-            prompt = prompt_messages(messages)
-            reference = messages[len(prompt)]["content"] if len(prompt) < len(messages) else ""
-            samples.append((prompt, reference))
-        return samples
+        return [self._prompt_and_reference(r) for r in self.val_records[:n]]
+
+    def _prompt_and_reference(self, record: Record) -> tuple[list[Message], str]:
+        messages = to_messages(record, self.format)
+        prompt = prompt_messages(messages)
+        reference = messages[len(prompt)]["content"] if len(prompt) < len(messages) else ""
+        return prompt, reference
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_files:
+            records = self._read(self.predict_files)
+            self.predict_samples = [self._prompt_and_reference(r) for r in records]
+            return
+        super().setup(stage)
+        self.predict_samples = self.sample_prompts()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of (prompt messages, reference) pairs, generated from by the model."""
+        return DataLoader(
+            self.predict_samples, batch_size=self.val_batch_size, collate_fn=list, shuffle=False
+        )

@@ -52,6 +52,7 @@ class CausalLMModule(pl.LightningModule):
         scheduler: Learning-rate shape after warmup: ``cosine``, ``linear`` or ``constant``.
         warmup: Warmup length: a fraction of all optimizer steps below 1, else a step count.
         min_lr_ratio: Final learning rate as a fraction of the peak.
+        max_new_tokens: Length limit of ``predict`` completions.
     """
 
     log_perplexity = False
@@ -70,6 +71,7 @@ class CausalLMModule(pl.LightningModule):
         scheduler: ScheduleName = "cosine",
         warmup: float = 0.0,
         min_lr_ratio: float = 0.0,
+        max_new_tokens: int = 256,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -85,6 +87,7 @@ class CausalLMModule(pl.LightningModule):
         self.scheduler = scheduler
         self.warmup = warmup
         self.min_lr_ratio = min_lr_ratio
+        self.max_new_tokens = max_new_tokens
         self.model: PreTrainedModel | None = None
         self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, trust_remote_code)
         self._step_sums: dict[str, torch.Tensor] = {}
@@ -166,6 +169,16 @@ class CausalLMModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
+
+    def predict_step(self, batch: list[tuple[list[dict], str]], batch_idx: int) -> list[dict]:
+        """Greedy completions of chat prompts: rows of prompt, reference and output."""
+        from src.callbacks.generation import generate
+
+        outputs = generate(self.model, self.tokenizer, [p for p, _ in batch], self.max_new_tokens)
+        return [
+            {"prompt": p, "reference": r, "output": o}
+            for (p, r), o in zip(batch, outputs, strict=True)
+        ]
 
     def _log_eval(self, stage: str) -> None:
         """Means over every unit of the whole evaluation set, across devices."""
