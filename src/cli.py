@@ -11,9 +11,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from src.callbacks.checkpoint import RunCheckpoint
 from src.datamodules.base import BaseDataModule
 from src.modules.base import CausalLMModule
 
@@ -34,7 +34,7 @@ class LLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
         parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.filename": "step={step}",

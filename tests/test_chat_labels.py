@@ -84,3 +84,27 @@ def test_template_with_injected_text_and_bos_masks_right_and_has_one_bos(tokeniz
 def test_prompt_messages_stop_before_last_assistant_turn():
     messages = conversation("a", "b", "c", "d")["messages"]
     assert prompt_messages(messages) == messages[:3]
+
+
+# A Qwen3-style template that drops the reasoning of earlier assistant turns, so the rendering
+# of a prefix is not a prefix of the whole conversation.
+THINK_STRIPPING = (
+    "{%- for m in messages %}"
+    "{%- set content = m['content'] %}"
+    "{%- if m['role'] == 'assistant' and not loop.last and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip() %}{%- endif %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_template_that_rewrites_earlier_turns_never_trains_user_text(tokenizer):
+    other = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    other.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    other.chat_template = THINK_STRIPPING
+    row = conversation(
+        "What is 1 + 1?", "<think>one and one</think> 2", "And 2 + 2?", "<think>two</think> 4"
+    )
+    tok = tokenize_conversation(other, row["messages"])
+    assert trained_text(other, tok) == ["2<|im_end|>", "<think>two</think> 4<|im_end|>"]

@@ -87,3 +87,18 @@ def test_accumulated_micro_batches_equal_one_batch(variable_length_data, micro_m
     assert len(set(counts)) > 1 and abs(token_mean - mean_of_means) > 1e-3
     assert accum_loss == pytest.approx(token_mean, rel=1e-5)
     assert full_loss == pytest.approx(token_mean, rel=1e-5)
+
+
+def test_weight_decay_skips_biases_and_norm_weights(micro_model_dir, monkeypatch):
+    monkeypatch.setattr(pl.Trainer, "estimated_stepping_batches", property(lambda self: 10))
+    module = SFTModule(model_name_or_path=str(micro_model_dir), from_scratch=True)
+    module.configure_model()
+    module.trainer = pl.Trainer(accelerator="cpu", max_steps=10, logger=False)
+    module.trainer.strategy.connect(module)
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] > 0
+    assert "model.layers.0.self_attn.q_proj.weight" in decayed
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n in names.values() if "norm" in n}

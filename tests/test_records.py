@@ -86,3 +86,11 @@ def test_json_and_parquet_files(tmp_path):
     )
     records = read_records(str(tmp_path / "d.parquet"))
     assert len(records) == 2 and records[1].where.endswith("d.parquet row 1")
+
+
+def test_line_separators_inside_json_strings_are_not_line_breaks(tmp_path):
+    path = tmp_path / "u2028.jsonl"
+    path.write_text('{"text": "a\u2028b"}\n{"text": "c"}\n', encoding="utf-8")
+    records = read_records(str(path))
+    assert [r.row["text"] for r in records] == ["a\u2028b", "c"]
+    assert records[1].where.endswith(":2")

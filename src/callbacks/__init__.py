@@ -1,9 +1,17 @@
 """Callbacks: sample generation, validation at step 0, Hugging Face export,
 predictions to JSON Lines."""
 
+from src.callbacks.checkpoint import RunCheckpoint
 from src.callbacks.generation import SampleGeneration, generate
 from src.callbacks.hf_export import HFExport
 from src.callbacks.prediction_writer import PredictionWriter
 from src.callbacks.validate_on_start import ValidateOnStart
 
-__all__ = ["HFExport", "PredictionWriter", "SampleGeneration", "ValidateOnStart", "generate"]
+__all__ = [
+    "HFExport",
+    "PredictionWriter",
+    "RunCheckpoint",
+    "SampleGeneration",
+    "ValidateOnStart",
+    "generate",
+]

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from src.datamodules.chat import missing_bos
+
 Message = dict[str, Any]
 Prompt = str | list[Message]
 
@@ -29,6 +31,8 @@ def generate(
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
+    # the same BOS rule as the training rows (see tokenize_conversation)
+    texts = [t if missing_bos(tokenizer, t) is None else tokenizer.bos_token + t for t in texts]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -102,7 +106,9 @@ class SampleGeneration(pl.Callback):
         samples = self._samples(trainer)
         if not samples:
             return
-        with torch.random.fork_rng(devices=[]):
+        # sample with a fixed seed without disturbing the training RNG streams (CPU and GPU)
+        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
             outputs = generate(
                 pl_module.model,

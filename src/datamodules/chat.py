@@ -34,18 +34,24 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], **kwargs
 def assistant_spans(
     tokenizer: PreTrainedTokenizerBase, messages: list[Message], text: str
 ) -> list[tuple[int, int]]:
-    """Character spans of ``text`` (the whole rendering) to train on: the assistant turns."""
+    """Character spans of ``text`` (the whole rendering) to train on: the assistant turns.
+
+    Raises ``ValueError`` when an assistant turn cannot be located in the rendering.
+    """
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
+        content = msg.get("content") or ""
         start = _prefix_end(text, render(tokenizer, messages[:i], add_generation_prompt=True))
         if start is None or start < cursor:
-            start = _find(text, msg.get("content") or "", cursor)
+            start = text.find(content, cursor) if content else -1
+            if start < 0:
+                raise ValueError(f"assistant message {i} is not in the chat template's rendering")
         end = _prefix_end(text, render(tokenizer, messages[: i + 1]))
         if end is None or end <= start:
-            end = _turn_end(tokenizer, text, start + len(msg.get("content") or ""))
+            end = _turn_end(tokenizer, text, start, i)
         end = len(text[:end].rstrip())
         spans.append((start, end))
         cursor = end
@@ -56,18 +62,14 @@ def _prefix_end(text: str, prefix: str) -> int | None:
     return len(prefix) if prefix and text.startswith(prefix) else None
 
 
-def _find(text: str, content: str, cursor: int) -> int:
-    pos = text.find(content, cursor) if content else -1
-    return pos if pos >= 0 else cursor
-
-
-def _turn_end(tokenizer: PreTrainedTokenizerBase, text: str, content_end: int) -> int:
-    """After the content: through the end-of-turn token, if the template put one there."""
-    eos = tokenizer.eos_token or ""
-    rest = text[content_end:]
-    if eos and rest.lstrip().startswith(eos):
-        return content_end + (len(rest) - len(rest.lstrip())) + len(eos)
-    return content_end
+def _turn_end(tokenizer: PreTrainedTokenizerBase, text: str, start: int, index: int) -> int:
+    """Through the first end-of-turn token after ``start``: templates that rewrite a turn
+    (dropping reasoning from earlier turns, say) still close it with that token."""
+    eos = tokenizer.eos_token
+    pos = text.find(eos, start) if eos else -1
+    if pos < 0:
+        raise ValueError(f"assistant message {index}: no end-of-turn token {eos!r} after it")
+    return pos + len(eos)
 
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> Tokenized:
@@ -89,13 +91,13 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
             break
         if tok_start >= spans[span_idx][0]:
             labels[t] = input_ids[t]
-    bos = _missing_bos(tokenizer, text)
+    bos = missing_bos(tokenizer, text)
     if bos is not None:
         input_ids, labels = [bos, *input_ids], [IGNORE_INDEX, *labels]
     return Tokenized(input_ids, labels)
 
 
-def _missing_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
+def missing_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
     bos_token, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
     if bos_token is None or bos_id is None or text.startswith(bos_token):
         return None

@@ -61,7 +61,9 @@ def _read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks on U+2028 and friends, which JSON
+    # allows unescaped inside strings
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

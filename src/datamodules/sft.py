@@ -42,7 +42,12 @@ class SFTDataModule(BaseDataModule):
             )
         rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
         for record in records:
-            tok = tokenize_conversation(self.tokenizer, to_messages(record, self.format))
+            try:
+                tok = tokenize_conversation(self.tokenizer, to_messages(record, self.format))
+            except ValueError as err:
+                if isinstance(err, DataError):
+                    raise
+                raise DataError(f"{record.where}: {err}") from None
             if len(tok.input_ids) > self.max_length:
                 stats.truncated += 1
                 tok.input_ids = tok.input_ids[: self.max_length]

@@ -91,6 +91,7 @@ class CausalLMModule(pl.LightningModule):
         self.model: PreTrainedModel | None = None
         self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, trust_remote_code)
         self._step_sums: dict[str, torch.Tensor] = {}
+        self._no_decay: set[str] = set()
         self._eval_sums: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- model
@@ -98,6 +99,12 @@ class CausalLMModule(pl.LightningModule):
         if self.model is not None:
             return
         self.model = self.build_model()
+        # decided before any wrapping: FSDP flattens parameters to 1-D
+        self._no_decay = {
+            name
+            for name, p in self.model.named_parameters()
+            if p.ndim < 2 or "bias" in name or "norm" in name.lower()
+        }
         n_params = sum(p.numel() for p in self.model.parameters())
         rank_zero_info(f"[model] {type(self.model).__name__}: {n_params / 1e6:.2f}M parameters")
 
@@ -135,17 +142,31 @@ class CausalLMModule(pl.LightningModule):
         """The objective: summed loss of a micro-batch, its unit count, and metric sums."""
         raise NotImplementedError
 
+    @property
+    def loss_divisor(self) -> float:
+        """A constant that keeps backpropagated sums near mean size (fp16 has little range)."""
+        return float(self.max_length or 1024)
+
+    def on_fit_start(self) -> None:
+        if getattr(self.trainer.strategy, "handles_gradient_accumulation", False):
+            raise ValueError(
+                f"{type(self.trainer.strategy).__name__} accumulates gradients itself, which "
+                "the exact per-step loss mean does not support; use ddp or fsdp"
+            )
+        self._step_sums = {}  # nothing left over from an interrupted fit
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
         _accumulate(self._step_sums, terms)
-        return terms.loss_sum
+        return terms.loss_sum / self.loss_divisor
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Turn the accumulated gradient of summed losses into that of the step's mean loss.
 
-        Lightning divides each micro-batch loss by ``accumulate_grad_batches`` and DDP/FSDP
-        average over devices; undoing both and dividing by the step's unit count over all
-        devices gives the exact mean, however the units fall across micro-batches.
+        Each micro-batch backpropagates its summed loss over ``loss_divisor``; Lightning
+        divides it by ``accumulate_grad_batches`` and DDP/FSDP average over devices. Undoing
+        all three and dividing by the step's unit count over all devices gives the exact
+        mean, however the units fall across micro-batches.
         """
         totals = self._reduce(self._step_sums)
         self._step_sums = {}
@@ -153,7 +174,12 @@ class CausalLMModule(pl.LightningModule):
             return
         count = totals.pop("count")
         if count > 0:
-            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / count
+            scale = (
+                self.trainer.accumulate_grad_batches
+                * self.trainer.world_size
+                * self.loss_divisor
+                / count
+            )
             for p in self.trainer.model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
@@ -219,10 +245,8 @@ class CausalLMModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
         for name, param in self.trainer.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            skip = param.ndim < 2 or "bias" in name or "norm" in name.lower()
-            (no_decay if skip else decay).append(param)
+            if param.requires_grad:
+                (no_decay if _model_name(name) in self._no_decay else decay).append(param)
         optimizer = self.optimizer_factory(
             [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         )
@@ -242,6 +266,14 @@ class CausalLMModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},
         }
+
+
+def _model_name(name: str) -> str:
+    """A parameter's name inside the Hugging Face model, without strategy wrappers."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    name = name.removeprefix("module.")
+    return name.removeprefix("model.")  # the LightningModule's attribute
 
 
 def _accumulate(store: dict[str, torch.Tensor], terms: LossTerms) -> None:
