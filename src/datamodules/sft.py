@@ -42,11 +42,10 @@ class SFTDataModule(BaseDataModule):
             )
         rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
         for record in records:
+            messages = to_messages(record, self.format)
             try:
-                tok = tokenize_conversation(self.tokenizer, to_messages(record, self.format))
-            except ValueError as err:
-                if isinstance(err, DataError):
-                    raise
+                tok = tokenize_conversation(self.tokenizer, messages)
+            except ValueError as err:  # the template hides an assistant turn
                 raise DataError(f"{record.where}: {err}") from None
             if len(tok.input_ids) > self.max_length:
                 stats.truncated += 1
@@ -74,15 +73,13 @@ class SFTDataModule(BaseDataModule):
         return prompt, reference
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.predict_files:
-            records = self._read(self.predict_files)
-            self.predict_samples = [self._prompt_and_reference(r) for r in records]
-            return
-        super().setup(stage)
-        self.predict_samples = self.sample_prompts()
+        if stage != "predict" or not self.predict_files:
+            super().setup(stage)
 
     def predict_dataloader(self) -> DataLoader:
         """Batches of (prompt messages, reference) pairs, generated from by the model."""
-        return DataLoader(
-            self.predict_samples, batch_size=self.val_batch_size, collate_fn=list, shuffle=False
-        )
+        if self.predict_files:
+            samples = [self._prompt_and_reference(r) for r in self._read(self.predict_files)]
+        else:
+            samples = self.sample_prompts()
+        return DataLoader(samples, batch_size=self.val_batch_size, collate_fn=list, shuffle=False)

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from src.callbacks.generation import generate
 from src.datamodules.base import load_tokenizer
 from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
 
@@ -198,8 +199,6 @@ class CausalLMModule(pl.LightningModule):
 
     def predict_step(self, batch: list[tuple[list[dict], str]], batch_idx: int) -> list[dict]:
         """Greedy completions of chat prompts: rows of prompt, reference and output."""
-        from src.callbacks.generation import generate
-
         outputs = generate(self.model, self.tokenizer, [p for p, _ in batch], self.max_new_tokens)
         return [
             {"prompt": p, "reference": r, "output": o}
