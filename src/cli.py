@@ -34,6 +34,7 @@ class LLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
         parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
+        parser.link_arguments("data.init_args.chat_template", "model.init_args.chat_template")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -168,7 +168,8 @@ def test_bad_data_stops_train_py_with_a_message_not_a_traceback(tmp_path):
     import sys
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": []}\n{"messages": [oops\n', encoding="utf-8")
+    good = json.dumps(conversation("hi", "hello"))
+    bad.write_text(good + "\n" + '{"messages": [oops\n', encoding="utf-8")
     result = subprocess.run(
         [
             sys.executable,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from src.datamodules.formats import to_messages
+from src.datamodules.formats import to_chat
 from src.datamodules.records import DataError, read_records
 from tests.conftest import conversation, write_jsonl
 
@@ -25,7 +25,7 @@ def test_records_carry_their_line(tmp_path):
 def test_non_utf8_file_is_named(tmp_path):
     path = tmp_path / "latin.jsonl"
     path.write_bytes('{"text": "café"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin\.jsonl: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"latin\.jsonl:1: not valid UTF-8"):
         read_records(str(path))
 
 
@@ -40,24 +40,24 @@ def test_missing_file_and_unsupported_type(tmp_path):
 def test_row_missing_fields_names_row_and_expected_fields(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [conversation("q", "a"), {"question": "q"}])
     records = read_records(str(path))
-    assert to_messages(records[0])[1]["content"] == "a"
-    with pytest.raises(DataError, match=r"d\.jsonl:2: cannot tell the format.*\(messages\)"):
-        to_messages(records[1])
+    assert to_chat(records[0])["messages"][1]["content"] == "a"
+    with pytest.raises(DataError, match=r"d\.jsonl:2: cannot tell the format.*(messages)"):
+        to_chat(records[1])
     with pytest.raises(
         DataError,
         match=r"d\.jsonl:2: a 'alpaca' row needs the fields "
         r"instruction, output; missing instruction, output",
     ):
-        to_messages(records[1], "alpaca")
+        to_chat(records[1], "alpaca")
 
 
 def test_unknown_role_and_empty_conversation(tmp_path):
     rows = [{"messages": [{"role": "robot", "content": "hi"}]}, {"messages": []}]
     records = read_records(str(write_jsonl(tmp_path / "d.jsonl", rows)))
     with pytest.raises(DataError, match=r"d\.jsonl:1: message 0 has unknown role 'robot'"):
-        to_messages(records[0])
+        to_chat(records[0])
     with pytest.raises(DataError, match=r"d\.jsonl:2: empty conversation"):
-        to_messages(records[1])
+        to_chat(records[1])
 
 
 def test_alpaca_row_becomes_a_conversation(tmp_path):
@@ -68,7 +68,7 @@ def test_alpaca_row_becomes_a_conversation(tmp_path):
         "system": "Be terse.",
     }
     records = read_records(str(write_jsonl(tmp_path / "a.jsonl", [row])))
-    assert to_messages(records[0]) == [
+    assert to_chat(records[0])["messages"] == [
         {"role": "system", "content": "Be terse."},
         {"role": "user", "content": "Sort these numbers.\n\n3 1 2"},
         {"role": "assistant", "content": "1 2 3"},

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from src.datamodules import DataError, SFTDataModule
-from src.datamodules.collate import PaddingCollator
+from src.datamodules.collate import Collator
 from tests.conftest import ASSETS, conversation, write_jsonl
 
 
@@ -64,7 +64,7 @@ def test_sample_prompts_come_from_validation(tmp_path):
 
 
 def test_collator_pads_right_with_masks():
-    collate = PaddingCollator(pad_token_id=0, pad_to_multiple_of=4)
+    collate = Collator(pad_token_id=0, pad_to_multiple_of=4)
     batch = collate(
         [
             {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},

@@ -31,7 +31,7 @@ def generate(
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
-    # the same BOS rule as the training rows (see tokenize_conversation)
+    # the same BOS rule as the training rows (see ChatEncoder.encode)
     texts = [t if missing_bos(tokenizer, t) is None else tokenizer.bos_token + t for t in texts]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"

@@ -1,7 +1,19 @@
-"""Data modules: loading, chat templates and label masks, collation."""
+"""Data modules: sources, formats, chat templates and label masks, packing, caching."""
 
 from src.datamodules.base import BaseDataModule
+from src.datamodules.filters import Filters
+from src.datamodules.preference import PreferenceDataModule
+from src.datamodules.pretrain import PretrainDataModule
 from src.datamodules.records import DataError
 from src.datamodules.sft import SFTDataModule
+from src.datamodules.sources import Source
 
-__all__ = ["BaseDataModule", "DataError", "SFTDataModule"]
+__all__ = [
+    "BaseDataModule",
+    "DataError",
+    "Filters",
+    "PreferenceDataModule",
+    "PretrainDataModule",
+    "SFTDataModule",
+    "Source",
+]

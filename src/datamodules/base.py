@@ -1,10 +1,24 @@
-"""What every data module shares: tokenizer, sources, validation split, loaders, reporting."""
+"""What every data module shares: sources, filters, the validation split, caching, loaders.
+
+Preparation runs in this order, for any objective:
+
+1. read the rows of every source (mixed by weight or concatenated) and convert them to a
+   canonical example (``to_example``), naming the row of any bad input;
+2. scrub PII and drop exact duplicates (``filters``), counted;
+3. hold out the validation split (or read ``val_files``);
+4. tokenize in chunks, across ``num_proc`` processes (``encode_chunk``), counting what is
+   truncated or dropped;
+5. pack (``finalize``), and store the result in the on-disk cache.
+"""
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
+import json
+import multiprocessing
+import os
+from collections.abc import Iterator
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -13,37 +27,31 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from src.datamodules.collate import PaddingCollator
-from src.datamodules.records import DataError, Record, read_records
+from src.datamodules import cache
+from src.datamodules.collate import Collator
+from src.datamodules.filters import Filters, example_hash, scrub
+from src.datamodules.records import DataError, Record
+from src.datamodules.sources import MixMode, Source, Stopping, as_sources, fingerprint, mix
+from src.datamodules.splits import length_buckets, split_indices
+from src.datamodules.stats import SplitStats
+from src.datamodules.streaming import StreamingDataset
+from src.datamodules.templates import resolve_chat_template
+
+Example = dict[str, Any]
+Columns = dict[str, list]
+CHUNK = 1000  # examples per tokenizer batch and per worker task
 
 
-@dataclass
-class SplitStats:
-    """What preparation did to one split; reported before training starts."""
-
-    rows: int = 0
-    examples: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    truncated: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-
-    def drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-
-    def summary(self, split: str) -> str:
-        drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
-        return (
-            f"{split}: {self.rows} rows -> {self.examples} examples, {self.tokens} tokens "
-            f"({self.trained_tokens} trained); truncated {self.truncated}; dropped: {drops}"
-        )
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """A tokenizer with a pad token (the EOS token stands in when it has none)."""
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, chat_template: str | None = None
+) -> PreTrainedTokenizerBase:
+    """A tokenizer with a pad token (EOS stands in) and, if given, a chat template."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    template = resolve_chat_template(chat_template)
+    if template is not None:
+        tokenizer.chat_template = template
     return tokenizer
 
 
@@ -54,20 +62,35 @@ def as_list(value: str | list[str] | None) -> list[str]:
 
 
 class BaseDataModule(pl.LightningDataModule):
-    """Shared data plumbing; subclasses turn records into token rows in ``build``.
+    """Shared data plumbing; subclasses convert rows, encode examples and pack rows.
 
     Args:
-        tokenizer: Hub id or local directory of the tokenizer (and its chat template).
-        train_files: Local .json/.jsonl/.parquet files, or hub dataset ids, for training.
-        val_files: Files for validation; without them ``val_split`` of the training rows.
-        val_split: Fraction of the training rows held out for validation (seeded).
-        max_length: Longest row in tokens; longer examples are truncated and counted.
+        tokenizer: Hub id or local directory of the tokenizer.
+        train_files: Training data: a path (file, directory or glob), a hub dataset id, or a
+            list of them or of sources with ``path``, ``weight``, ``format``, ``columns``...
+        val_files: Validation data, in the same forms; without it ``val_split`` of the
+            training examples is held out.
+        val_split: Held-out share: a fraction below 1, or a number of examples from 1 up.
+        stratify_by: Hold out the same share of every group: a column name, or ``length``
+            (ten length quantiles).
+        format: Row format: ``auto`` (from the fields) or a name (see ``formats.py``).
+        chat_template: ``None`` for the tokenizer's own, a built-in name (chatml, llama-3,
+            mistral, alpaca, plain), or a Jinja file.
+        mix: ``concat`` the sources, or ``interleave`` them with probability ~ weight.
+        stopping: When interleaving, stop at the ``first_exhausted`` source, or go on until
+            ``all_exhausted`` (restarting the ones that ran out).
+        filters: Length filters, de-duplication, PII scrubbing (see ``Filters``).
+        max_length: Longest row in tokens.
         batch_size: Rows per training micro-batch.
         val_batch_size: Rows per validation batch (default: ``batch_size``).
         num_workers: Data-loader worker processes.
-        seed: Seed of the validation split.
-        hub_config: Configuration name for hub datasets.
-        hub_split: Split to read from hub datasets.
+        num_proc: Processes that tokenize during preparation.
+        seed: Seed of the validation split and of interleaving.
+        streaming: Read the training data lazily (corpora larger than memory); needs
+            ``trainer.max_steps`` and a ``val_split`` count or ``val_files``.
+        cache_dir: Where prepared datasets are cached (``null``: no cache).
+        hub_config: Configuration name for hub datasets given as plain ids.
+        hub_split: Split to read from hub datasets given as plain ids.
         pad_to_multiple_of: Round padded lengths up to a multiple of this.
         trust_remote_code: Allow code shipped with a hub tokenizer to run.
     """
@@ -75,95 +98,322 @@ class BaseDataModule(pl.LightningDataModule):
     def __init__(
         self,
         tokenizer: str,
-        train_files: str | list[str],
-        val_files: str | list[str] | None = None,
+        train_files: str | list[str] | list[Source] | None = None,
+        val_files: str | list[str] | list[Source] | None = None,
         val_split: float = 0.05,
+        stratify_by: str | None = None,
+        format: str = "auto",
+        chat_template: str | None = None,
+        mix: MixMode = "concat",
+        stopping: Stopping = "first_exhausted",
+        filters: Filters | None = None,
         max_length: int = 1024,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         num_workers: int = 0,
+        num_proc: int = 1,
         seed: int = 42,
+        streaming: bool = False,
+        cache_dir: str | None = ".cache/data",
         hub_config: str | None = None,
         hub_split: str = "train",
         pad_to_multiple_of: int = 1,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_split < 1.0:
-            raise ValueError(f"val_split must be in [0, 1), got {val_split}")
         self.tokenizer_name_or_path = tokenizer
-        self.train_files = as_list(train_files)
-        self.val_files = as_list(val_files)
+        self.train_sources = self._sources(train_files, hub_config, hub_split)
+        self.val_sources = self._sources(val_files, hub_config, hub_split)
         self.val_split = val_split
+        self.stratify_by = stratify_by
+        self.format = format
+        self.chat_template = chat_template
+        self.mix = mix
+        self.stopping = stopping
+        self.filters = filters or Filters()
         self.max_length = max_length
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
+        self.num_proc = max(1, num_proc)
         self.seed = seed
-        self.hub_config = hub_config
-        self.hub_split = hub_split
+        self.streaming = streaming
+        self.cache_dir = Path(cache_dir) if cache_dir else None
         self.pad_to_multiple_of = pad_to_multiple_of
         self.trust_remote_code = trust_remote_code
-        self.datasets: dict[str, datasets.Dataset] = {}
+        self.datasets: dict[str, Any] = {}
         self.stats: dict[str, SplitStats] = {}
-        self.val_records: list[Record] = []
+        self.val_examples: list[Example] = []
+        if streaming and not self.val_sources and 0 < val_split < 1:
+            raise DataError(
+                "a streamed corpus has no known size: give val_split as a number of examples "
+                "(held out from its start) or set val_files"
+            )
+
+    @staticmethod
+    def _sources(value: Any, hub_config: str | None, hub_split: str) -> list[Source]:
+        sources = as_sources(value)
+        items = value if isinstance(value, list) else ([value] if value else [])
+        for source, item in zip(sources, items, strict=True):
+            if isinstance(item, str):  # plain ids take the module-wide hub settings
+                source.hub_config, source.split = hub_config, hub_split
+        return sources
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        return load_tokenizer(self.tokenizer_name_or_path, self.trust_remote_code)
+        return load_tokenizer(
+            self.tokenizer_name_or_path, self.trust_remote_code, self.chat_template
+        )
 
-    def build(self, records: list[Record], stats: SplitStats) -> datasets.Dataset:
-        """Turn records into a dataset of token rows, counting what was truncated or dropped."""
+    # ------------------------------------------------------- objective hooks
+    def to_example(self, record: Record, fmt: str) -> Example:
+        """The canonical example of a raw row (raises ``DataError`` naming the row)."""
         raise NotImplementedError
+
+    def encode_chunk(
+        self, examples: list[Example], wheres: list[str]
+    ) -> tuple[Columns, SplitStats]:
+        """Token columns of a chunk of examples, counting what was truncated or dropped."""
+        raise NotImplementedError
+
+    def finalize(self, columns: Columns, stats: SplitStats) -> Columns:
+        """The rows stored for training (packing goes here)."""
+        return columns
+
+    def settings(self) -> dict[str, Any]:
+        """Every option of the subclass that changes the prepared data (for the cache key)."""
+        return {}
+
+    def collator(self) -> Any:
+        return Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    # ----------------------------------------------------------- preparation
+    def prepare_data(self) -> None:
+        """Runs once per node before ``setup``: prepares and caches, so other ranks just load."""
+        if not self.streaming and self.cache_path is not None and not self._load_cache():
+            self._prepare_and_cache()
+            self.datasets = {}  # setup reloads from the cache, like every other rank
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        train, val = self._split_records()
-        self.val_records = val
-        for split, records in (("train", train), ("val", val)):
-            stats = SplitStats(rows=len(records))
-            self.datasets[split] = self.build(records, stats)
-            self.stats[split] = stats
+        if not self._load_cache():
+            self._prepare_and_cache()
+        for split, stats in self.stats.items():
             rank_zero_info(f"[data] {stats.summary(split)}")
-            if split == "train" and stats.examples == 0:
-                raise DataError(
-                    f"no training examples left after preparation ({stats.summary(split)})"
-                )
+        if not self.streaming and self.stats["train"].examples == 0:
+            raise DataError(
+                "no training examples left after preparation "
+                f"({self.stats['train'].summary('train')})"
+            )
 
-    def _read(self, sources: list[str]) -> list[Record]:
-        records: list[Record] = []
-        for source in sources:
-            records += read_records(source, hub_config=self.hub_config, split=self.hub_split)
-        return records
+    @cached_property
+    def cache_path(self) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        settings = {
+            "class": type(self).__name__,
+            "code": cache.code_version(),
+            "train": fingerprint(self.train_sources, self.cache_dir),
+            "val": fingerprint(self.val_sources, self.cache_dir),
+            "tokenizer": cache.tokenizer_fingerprint(self.tokenizer),
+            "streaming": self.streaming,
+            **{
+                k: getattr(self, k)
+                for k in ("val_split", "stratify_by", "format", "mix", "stopping", "max_length")
+            },
+            "filters": vars(self.filters),
+            "seed": self.seed,
+            **self.settings(),
+        }
+        return self.cache_dir / f"{type(self).__name__}-{cache.cache_key(settings)[:24]}"
 
-    def _split_records(self) -> tuple[list[Record], list[Record]]:
-        if not self.train_files:
+    def _load_cache(self) -> bool:
+        loaded = cache.load(self.cache_path) if self.cache_path else None
+        if loaded is None:
+            return False
+        self.datasets, self.stats, extras = loaded
+        self.val_examples = extras["val_examples"]
+        if self.streaming:
+            self.datasets["train"] = StreamingDataset(self, skip=extras["held_out"])
+        rank_zero_info(f"[data] prepared data loaded from the cache {self.cache_path}")
+        return True
+
+    def _prepare_and_cache(self) -> None:
+        if self.streaming:
+            splits, stats, held_out = self._prepare_streaming()
+        else:
+            splits, held_out = self._prepare(), 0
+            stats = self.stats
+        extras = {"val_examples": self.val_examples, "held_out": held_out}
+        if self.cache_path is not None:
+            cache.save(self.cache_path, splits, stats, extras)
+        self.datasets = dict(splits)
+        if self.streaming:
+            self.datasets["train"] = StreamingDataset(self, skip=held_out)
+
+    def _prepare(self) -> dict[str, datasets.Dataset]:
+        """Map-style preparation of both splits."""
+        if not self.train_sources:
             raise DataError("no training data: set data.train_files")
-        train = self._read(self.train_files)
+        train_stats, val_stats = SplitStats(), SplitStats()
+        train = self._read_examples(self.train_sources, train_stats)
         if not train:
-            raise DataError(f"the training files hold no rows: {', '.join(self.train_files)}")
-        if self.val_files:
-            return train, self._read(self.val_files)
-        n_val = round(len(train) * self.val_split)
-        if n_val == 0:
-            return train, []
-        order = list(range(len(train)))
-        random.Random(self.seed).shuffle(order)
-        held_out = set(order[:n_val])
-        return (
-            [r for i, r in enumerate(train) if i not in held_out],
-            [r for i, r in enumerate(train) if i in held_out],
-        )
+            paths = ", ".join(s.path for s in self.train_sources)
+            raise DataError(f"the training data hold no rows: {paths}")
+        seen = {example_hash(e) for e, _, _ in train} if self.filters.dedup else set()
+        if self.val_sources:
+            val = self._read_examples(self.val_sources, val_stats, seen=seen)
+        else:
+            strata = self._strata(train)
+            train_idx, val_idx = split_indices(len(train), self.val_split, self.seed, strata)
+            train, val = [train[i] for i in train_idx], [train[i] for i in val_idx]
+            train_stats.rows -= len(val)
+            val_stats.rows = len(val)
+        self.val_examples = [e for e, _, _ in val]
+        self.stats = {"train": train_stats, "val": val_stats}
+        return {
+            "train": self._encode_split(train, train_stats),
+            "val": self._encode_split(val, val_stats),
+        }
 
-    def collator(self) -> Any:
-        return PaddingCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+    def _read_examples(
+        self,
+        sources: list[Source],
+        stats: SplitStats,
+        seen: set[bytes] | None = None,
+        records: Iterator[Record] | None = None,
+    ) -> list[tuple[Example, str, Any]]:
+        """(example, where, stratum) of every row, scrubbed and de-duplicated, counted."""
+        out = []
+        for example, where, stratum in self._iter_examples(sources, stats, seen, records):
+            out.append((example, where, stratum))
+        return out
 
+    def _iter_examples(
+        self,
+        sources: list[Source],
+        stats: SplitStats,
+        seen: set[bytes] | None = None,
+        records: Iterator[Record] | None = None,
+    ) -> Iterator[tuple[Example, str, Any]]:
+        seen = set() if seen is None else seen
+        if records is None:
+            records = mix(sources, self.mix, self.seed, self.stopping, self.streaming)
+        for record in records:
+            stats.rows += 1
+            example = self.to_example(record, sources[record.source].format or self.format)
+            if self.filters.scrub_pii:
+                counts: dict[str, int] = {}
+                example = scrub(example, counts)
+                for what, n in counts.items():
+                    if n:
+                        stats.count(f"{what} scrubbed", n)
+            if self.filters.dedup:
+                key = example_hash(example)
+                if key in seen:
+                    stats.drop("exact duplicates")
+                    continue
+                seen.add(key)
+            yield example, record.where, self._stratum(record, example)
+
+    def _stratum(self, record: Record, example: Example) -> Any:
+        if self.stratify_by is None:
+            return None
+        if self.stratify_by == "length":
+            return len(json.dumps(example, ensure_ascii=False))
+        if self.stratify_by not in record.row:
+            raise DataError(
+                f"{record.where}: no column {self.stratify_by!r} to stratify the split by"
+            )
+        return json.dumps(record.row[self.stratify_by], sort_keys=True, default=str)
+
+    def _strata(self, items: list[tuple[Example, str, Any]]) -> list[Any] | None:
+        if self.stratify_by is None:
+            return None
+        keys = [s for _, _, s in items]
+        return length_buckets(keys) if self.stratify_by == "length" else keys
+
+    def _encode_split(
+        self, items: list[tuple[Example, str, Any]], stats: SplitStats
+    ) -> datasets.Dataset:
+        columns, encoded = self.encode_all([e for e, _, _ in items], [w for _, w, _ in items])
+        stats.merge(encoded)
+        return cache.columns_to_dataset(self.finalize(columns, stats))
+
+    def encode_all(self, examples: list[Example], wheres: list[str]) -> tuple[Columns, SplitStats]:
+        """``encode_chunk`` over all examples, in ``num_proc`` processes, in order."""
+        chunks = [
+            (examples[i : i + CHUNK], wheres[i : i + CHUNK]) for i in range(0, len(examples), CHUNK)
+        ] or [([], [])]  # an empty split still gets its columns
+        if (
+            self.num_proc > 1
+            and len(chunks) > 1
+            and "fork" in multiprocessing.get_all_start_methods()
+        ):
+            global _WORKER_MODULE
+            _WORKER_MODULE = self
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+            with multiprocessing.get_context("fork").Pool(self.num_proc) as pool:
+                results = pool.map(_encode_in_worker, chunks)
+        else:
+            results = [self.encode_chunk(*chunk) for chunk in chunks]
+        columns: Columns = {}
+        stats = SplitStats()
+        for chunk_columns, chunk_stats in results:
+            for name, values in chunk_columns.items():
+                columns.setdefault(name, []).extend(values)
+            stats.merge(chunk_stats)
+        return columns, stats
+
+    # ------------------------------------------------------------- streaming
+    def _prepare_streaming(self) -> tuple[dict[str, datasets.Dataset], dict[str, SplitStats], int]:
+        """Validation from ``val_files`` or the first ``val_split`` examples of the stream."""
+        if not self.train_sources:
+            raise DataError("no training data: set data.train_files")
+        val_stats = SplitStats()
+        if self.val_sources:
+            val, held_out = self._read_examples(self.val_sources, val_stats), 0
+        else:
+            held_out = int(self.val_split)
+            val = []
+            for item in self._iter_examples(self.train_sources, val_stats):
+                if len(val) == held_out:
+                    break
+                val.append(item)
+            val_stats.rows = len(val)
+        self.val_examples = [e for e, _, _ in val]
+        self.stats = {"val": val_stats}
+        return {"val": self._encode_split(val, val_stats)}, self.stats, held_out
+
+    def stream_rows(self, skip: int) -> Iterator[dict[str, Any]]:
+        """Training rows prepared on the fly, in windows of ``CHUNK * 10`` examples."""
+        stats = SplitStats()
+        window: list[tuple[Example, str, Any]] = []
+        for n, item in enumerate(self._iter_examples(self.train_sources, stats)):
+            if n < skip:
+                continue
+            window.append(item)
+            if len(window) == CHUNK * 10:
+                yield from self._window_rows(window)
+                window = []
+        if window:
+            yield from self._window_rows(window)
+
+    def _window_rows(self, window: list[tuple[Example, str, Any]]) -> Iterator[dict[str, Any]]:
+        columns, stats = self.encode_all([e for e, _, _ in window], [w for _, w, _ in window])
+        columns = self.finalize(columns, stats)
+        names = list(columns)
+        for values in zip(*(columns[k] for k in names), strict=True):
+            yield dict(zip(names, values, strict=True))
+
+    # ---------------------------------------------------------------- loaders
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> StatefulDataLoader:
+        data = self.datasets[split]
         return StatefulDataLoader(
-            self.datasets[split],
+            data,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and not isinstance(data, StreamingDataset),
             collate_fn=self.collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -180,3 +430,11 @@ class BaseDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> StatefulDataLoader | list:
         """``test`` evaluates on the validation data (the held-out split or ``val_files``)."""
         return self.val_dataloader()
+
+
+_WORKER_MODULE: BaseDataModule | None = None
+
+
+def _encode_in_worker(chunk: tuple[list[Example], list[str]]) -> tuple[Columns, SplitStats]:
+    assert _WORKER_MODULE is not None  # set by the parent before forking
+    return _WORKER_MODULE.encode_chunk(*chunk)

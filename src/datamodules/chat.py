@@ -1,4 +1,4 @@
-"""Chat rendering with the tokenizer's own template, and labels on the assistant turns only.
+"""Chat rendering and label masks from the model's own chat template, for any template.
 
 The template is treated as a black box: the character span of assistant turn ``i`` starts
 where the rendering of ``messages[:i]`` with the generation prompt stops, and ends where the
@@ -7,17 +7,23 @@ turn's end-of-turn token, so the model learns to stop, and it works for template
 text the messages do not contain (default system prompts, date lines) and for templates
 without ``{% generation %}`` markers. Where a template rewrites earlier turns, so that a
 prefix rendering is not a prefix of the whole, the content is found by search instead.
+Tokens are labelled by their character offsets in the whole rendering, so the ids are
+exactly those inference sees.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from src.datamodules.records import DataError
+
 IGNORE_INDEX = -100
 Message = dict[str, Any]
+TrainOn = Literal["assistant", "last_assistant", "all"]
 
 
 @dataclass
@@ -26,13 +32,64 @@ class Tokenized:
     labels: list[int]
 
 
+class ChatRenderer:
+    """Renders conversations with the tokenizer's chat template.
+
+    The compiled template is called directly (what ``apply_chat_template`` does after its
+    argument checks), which is several times faster on short conversations.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        if not tokenizer.chat_template:
+            raise DataError(
+                f"the tokenizer {tokenizer.name_or_path!r} has no chat template: set "
+                "data.chat_template to a built-in name (chatml, llama-3, mistral, alpaca, "
+                "plain) or a Jinja file"
+            )
+        self.tokenizer = tokenizer
+        self.template = tokenizer.chat_template
+        self.context = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        self._compiled: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # compiled templates do not pickle
+        return {**self.__dict__, "_compiled": None}
+
+    def __call__(
+        self,
+        messages: list[Message],
+        add_generation_prompt: bool = False,
+        tools: list[dict] | None = None,
+    ) -> str:
+        if self._compiled is None:
+            self._compiled = _compile(self.template)
+        if self._compiled is False:
+            return self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        return self._compiled.render(
+            messages=messages,
+            tools=tools,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **self.context,
+        )
+
+
+def _compile(template: str) -> Any:
+    try:  # transformers' sandboxed environment, with its helpers (raise_exception, tojson, ...)
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return False
+    return _compile_jinja_template(template)
+
+
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], **kwargs: Any) -> str:
     """The conversation as text, through the tokenizer's chat template."""
     return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
 def assistant_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], text: str
+    render_fn: Any, messages: list[Message], text: str, eos_token: str | None, tools: Any = None
 ) -> list[tuple[int, int]]:
     """Character spans of ``text`` (the whole rendering) to train on: the assistant turns.
 
@@ -44,14 +101,14 @@ def assistant_spans(
         if msg["role"] != "assistant":
             continue
         content = msg.get("content") or ""
-        start = _prefix_end(text, render(tokenizer, messages[:i], add_generation_prompt=True))
+        start = _prefix_end(text, render_fn(messages[:i], add_generation_prompt=True, tools=tools))
         if start is None or start < cursor:
             start = text.find(content, cursor) if content else -1
             if start < 0:
                 raise ValueError(f"assistant message {i} is not in the chat template's rendering")
-        end = _prefix_end(text, render(tokenizer, messages[: i + 1]))
+        end = _prefix_end(text, render_fn(messages[: i + 1], tools=tools))
         if end is None or end <= start:
-            end = _turn_end(tokenizer, text, start, i)
+            end = _turn_end(eos_token, text, start, i)
         end = len(text[:end].rstrip())
         spans.append((start, end))
         cursor = end
@@ -62,50 +119,133 @@ def _prefix_end(text: str, prefix: str) -> int | None:
     return len(prefix) if prefix and text.startswith(prefix) else None
 
 
-def _turn_end(tokenizer: PreTrainedTokenizerBase, text: str, start: int, index: int) -> int:
+def _turn_end(eos: str | None, text: str, start: int, index: int) -> int:
     """Through the first end-of-turn token after ``start``: templates that rewrite a turn
     (dropping reasoning from earlier turns, say) still close it with that token."""
-    eos = tokenizer.eos_token
     pos = text.find(eos, start) if eos else -1
     if pos < 0:
         raise ValueError(f"assistant message {index}: no end-of-turn token {eos!r} after it")
     return pos + len(eos)
 
 
-def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> Tokenized:
-    """Token ids of the rendered conversation and labels that are -100 outside assistant turns.
+def encode_with_offsets(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str]
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, without special tokens added."""
+    if tokenizer.is_fast:  # straight to the Rust tokenizer: batched, no Python conversion
+        encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [(e.ids, e.offsets) for e in encodings]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
 
-    The template writes any BOS itself; one is added only for a tokenizer that expects one and
-    a template that left it out, so a conversation never starts with two.
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens added."""
+    if tokenizer.is_fast:
+        encodings = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        return [e.ids for e in encodings]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def labels_for_spans(
+    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
+    """-100 everywhere except the tokens that start inside one of ``spans``."""
+    labels = [IGNORE_INDEX] * len(ids)
+    starts = [s for s, _ in offsets]
+    for span_start, span_end in spans:
+        lo, hi = bisect_left(starts, span_start), bisect_left(starts, span_end)
+        labels[lo:hi] = ids[lo:hi]
+    return labels
+
+
+def bos_to_add(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id when the tokenizer adds one by default (templates may write it themselves)."""
+    bos_id = tokenizer.bos_token_id
+    if tokenizer.bos_token is None or bos_id is None:
+        return None
+    return bos_id if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos_id] else None
+
+
+class ChatEncoder:
+    """Token ids and labels of chat and text examples, in batches.
+
+    Args:
+        tokenizer: Tokenizer whose chat template renders the conversations.
+        train_on: ``assistant`` (every assistant turn), ``last_assistant`` or ``all`` tokens.
     """
-    text = render(tokenizer, messages)
-    spans = assistant_spans(tokenizer, messages, text)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids: list[int] = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(input_ids)
-    span_idx = 0
-    for t, (tok_start, _) in enumerate(enc["offset_mapping"]):
-        while span_idx < len(spans) and tok_start >= spans[span_idx][1]:
-            span_idx += 1
-        if span_idx == len(spans):
-            break
-        if tok_start >= spans[span_idx][0]:
-            labels[t] = input_ids[t]
-    bos = missing_bos(tokenizer, text)
-    if bos is not None:
-        input_ids, labels = [bos, *input_ids], [IGNORE_INDEX, *labels]
-    return Tokenized(input_ids, labels)
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, train_on: TrainOn = "assistant"):
+        self.tokenizer = tokenizer
+        self.train_on = train_on
+        self.bos_id = bos_to_add(tokenizer)
+        self.bos_token = tokenizer.bos_token
+        self.eos_token = tokenizer.eos_token
+        self._renderer: ChatRenderer | None = None
+
+    @property
+    def renderer(self) -> ChatRenderer:
+        if self._renderer is None:
+            self._renderer = ChatRenderer(self.tokenizer)
+        return self._renderer
+
+    def needs_bos(self, text: str) -> bool:
+        return self.bos_id is not None and not text.startswith(self.bos_token)
+
+    def render_example(self, example: dict[str, Any]) -> tuple[str, list[tuple[int, int]]]:
+        """The text of an example and the character spans to train on."""
+        if "text" in example:
+            text = example["text"] + (self.eos_token or "")
+            return text, [(0, len(text))]
+        messages, tools = example["messages"], example.get("tools")
+        text = self.renderer(messages, tools=tools)
+        if self.train_on == "all":
+            return text, [(0, len(text))]
+        spans = assistant_spans(self.renderer, messages, text, self.eos_token, tools)
+        return text, spans[-1:] if self.train_on == "last_assistant" else spans
+
+    def encode(self, examples: list[dict[str, Any]], wheres: list[str]) -> list[Tokenized]:
+        """Each example rendered, tokenized once, and labelled by character offsets."""
+        texts, spans = [], []
+        for example, where in zip(examples, wheres, strict=True):
+            try:
+                text, example_spans = self.render_example(example)
+            except ValueError as err:  # the template hides an assistant turn
+                raise DataError(f"{where}: {err}") from None
+            texts.append(text)
+            spans.append(example_spans)
+        out = []
+        for text, (ids, offsets), sp in zip(
+            texts, encode_with_offsets(self.tokenizer, texts), spans, strict=True
+        ):
+            ids = list(ids)
+            labels = labels_for_spans(ids, offsets, sp)
+            if self.needs_bos(text):  # never two BOS: only when the template wrote none
+                ids, labels = [self.bos_id, *ids], [IGNORE_INDEX, *labels]
+            out.append(Tokenized(ids, labels))
+        return out
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Pretraining documents: BOS (if the tokenizer uses one), the text, EOS."""
+        prefix = [self.bos_id] if self.bos_id is not None else []
+        suffix = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        return [prefix + list(ids) + suffix for ids in encode_texts(self.tokenizer, texts)]
 
 
 def missing_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
-    bos_token, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
-    if bos_token is None or bos_id is None or text.startswith(bos_token):
-        return None
-    adds_bos = tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos_id]
-    return bos_id if adds_bos else None
+    """The BOS id to put before ``text`` when the tokenizer expects one and the text lacks it."""
+    bos = bos_to_add(tokenizer)
+    return None if bos is None or text.startswith(tokenizer.bos_token) else bos
 
 
 def prompt_messages(messages: list[Message]) -> list[Message]:
     """The conversation up to (not including) its last assistant turn: a generation prompt."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     return list(messages if last is None else messages[:last])
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], train_on: TrainOn = "assistant"
+) -> Tokenized:
+    """Ids and labels of one conversation (``ChatEncoder`` for batches)."""
+    return ChatEncoder(tokenizer, train_on).encode([{"messages": messages}], ["conversation"])[0]

@@ -1,4 +1,8 @@
-"""Batch collation: dynamic right padding to the longest row of the batch."""
+"""Batch collation: padded rows, packed rows (position ids per document), preference pairs.
+
+Every batch also carries ``real_tokens``, the number of non-pad tokens, from which the
+module logs ``train/padding_efficiency``.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,107 @@ import torch
 
 from src.datamodules.chat import IGNORE_INDEX
 
+Row = dict[str, Any]
 
-class PaddingCollator:
-    """Pads ``input_ids`` with the pad id, ``labels`` with -100, and builds ``attention_mask``.
 
-    ``pad_to_multiple_of`` rounds the padded length up (8 suits tensor cores on a GPU).
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Collator:
+    """Rows to a right-padded batch; packed rows get position ids and no attention mask.
+
+    Rows without ``labels`` are trained on every token (pretraining). Rows with
+    ``seq_lengths`` (packed) get ``position_ids`` restarting at 0 for every document and the
+    first label of each document set to -100, so no document sees or predicts another; the
+    padding tail is a document of its own. Without an attention mask, transformers derives
+    the block-diagonal mask from the position ids.
+
+    Args:
+        pad_token_id: Id written into padding.
+        pad_to_multiple_of: Round the padded length up (8 suits tensor cores on a GPU).
+        padding_free: Concatenate the packed rows of a batch into one row: no padding
+            between rows at all (for flash attention's variable-length kernels).
     """
+
+    def __init__(
+        self, pad_token_id: int, pad_to_multiple_of: int = 1, padding_free: bool = False
+    ) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = max(1, pad_to_multiple_of)
+        self.padding_free = padding_free
+
+    def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        packed = "seq_lengths" in rows[0]
+        if packed and self.padding_free:
+            rows = [_concatenate(rows)]
+        width = _round_up(max(len(r["input_ids"]) for r in rows), self.pad_to_multiple_of)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        lengths = [len(r["input_ids"]) for r in rows]
+        for i, row in enumerate(rows):
+            ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            input_ids[i, : len(ids)] = ids
+            labels[i, : len(ids)] = torch.as_tensor(row["labels"]) if "labels" in row else ids
+        batch = {"input_ids": input_ids, "labels": labels}
+        if packed:
+            position_ids = torch.zeros(shape, dtype=torch.long)
+            for i, row in enumerate(rows):
+                start = 0
+                for n in [*row["seq_lengths"], width - lengths[i]]:
+                    if n > 0:
+                        position_ids[i, start : start + n] = torch.arange(n)
+                        labels[i, start] = IGNORE_INDEX
+                    start += n
+            batch["position_ids"] = position_ids
+        else:
+            batch["attention_mask"] = (
+                torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]
+            ).long()
+        batch["real_tokens"] = torch.tensor(sum(lengths))
+        return batch
+
+
+def _concatenate(rows: Sequence[Row]) -> Row:
+    out: Row = {"input_ids": [], "seq_lengths": []}
+    if "labels" in rows[0]:
+        out["labels"] = []
+    for row in rows:
+        for key in out:
+            out[key].extend(row[key])
+    return out
+
+
+class PreferenceCollator:
+    """Chosen and rejected rows padded to one common width, with their attention masks."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1) -> None:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = max(1, pad_to_multiple_of)
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            input_ids[i, :n] = torch.as_tensor(row["input_ids"])
-            labels[i, :n] = torch.as_tensor(row["labels"])
-            attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        longest = max(len(r[f"{s}_input_ids"]) for r in rows for s in ("chosen", "rejected"))
+        width = _round_up(longest, self.pad_to_multiple_of)
+        batch: dict[str, torch.Tensor] = {}
+        real = 0
+        for side in ("chosen", "rejected"):
+            ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+            labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                n = len(row[f"{side}_input_ids"])
+                ids[i, :n] = torch.as_tensor(row[f"{side}_input_ids"])
+                labels[i, :n] = torch.as_tensor(row[f"{side}_labels"])
+                mask[i, :n] = 1
+                real += n
+            batch |= {
+                f"{side}_input_ids": ids,
+                f"{side}_labels": labels,
+                f"{side}_attention_mask": mask,
+            }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+        batch["real_tokens"] = torch.tensor(real)
+        return batch

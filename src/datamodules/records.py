@@ -1,18 +1,23 @@
 """Reading raw rows from local files or the Hugging Face hub, with errors that name their place.
 
 Every row travels with its location (``file:line`` or ``source row N``) so that a bad row is
-reported where the user can find it, not as a traceback from inside a library.
+reported where the user can find it, not as a traceback from inside a library. Readers are
+generators, so a streamed corpus never has to fit in memory.
 """
 
 from __future__ import annotations
 
+import csv
+import glob
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-LOCAL_SUFFIXES = {".json", ".jsonl", ".parquet"}
+LOCAL_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".txt"}
+TextUnit = Literal["document", "paragraph", "line"]
 
 
 class DataError(ValueError):
@@ -21,36 +26,96 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One raw row and where it came from."""
+    """One raw row, where it came from, and which configured source it belongs to."""
 
     row: dict[str, Any]
     where: str
+    source: int = 0
 
 
 def read_records(
-    source: str, *, hub_config: str | None = None, split: str = "train"
+    source: str,
+    *,
+    hub_config: str | None = None,
+    split: str = "train",
+    text_unit: TextUnit = "document",
 ) -> list[Record]:
-    """Read every row of a local JSON/JSONL/Parquet file, or of a hub dataset id."""
+    """Every row of a local file, a directory, a glob, or a hub dataset id."""
+    return list(iter_records(source, hub_config=hub_config, split=split, text_unit=text_unit))
+
+
+def iter_records(
+    source: str,
+    *,
+    hub_config: str | None = None,
+    split: str = "train",
+    text_unit: TextUnit = "document",
+    streaming: bool = False,
+) -> Iterator[Record]:
+    """The rows of ``source`` one at a time (hub datasets are streamed when ``streaming``)."""
+    files = local_files(source)
+    if files is None:
+        yield from _read_hub(source, hub_config, split, streaming)
+        return
+    for path in files:
+        yield from _read_local(path, text_unit)
+
+
+def local_files(source: str) -> list[Path] | None:
+    """The files ``source`` names (a file, a directory, a glob), or None for a hub id."""
+    if glob.has_magic(source):
+        matches = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise DataError(f"no file matches {source}")
+        return matches
     path = Path(source)
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        if not found:
+            raise DataError(
+                f"{source}: the directory holds no data files ({', '.join(sorted(LOCAL_SUFFIXES))})"
+            )
+        return found
     if path.exists():
-        return list(_read_local(path))
-    if path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/")):
+        return [path]
+    if path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
         raise DataError(f"data file not found: {source}")
-    return list(_read_hub(source, hub_config, split))
+    return None
 
 
-def _read_local(path: Path) -> Iterator[Record]:
-    if path.suffix == ".jsonl":
-        yield from _read_jsonl(path)
-    elif path.suffix == ".json":
-        yield from _read_json(path)
-    elif path.suffix == ".parquet":
-        yield from _read_parquet(path)
+def _read_local(path: Path, text_unit: TextUnit) -> Iterator[Record]:
+    readers = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".parquet": _read_parquet,
+        ".csv": _read_csv,
+    }
+    if path.suffix == ".txt":
+        yield from _read_txt(path, text_unit)
+    elif path.suffix in readers:
+        yield from readers[path.suffix](path)
     else:
         raise DataError(
             f"{path}: unsupported file type {path.suffix!r} (expected one of "
             f"{', '.join(sorted(LOCAL_SUFFIXES))})"
         )
+
+
+def _lines(path: Path, keep_ends: bool = False) -> Iterator[str]:
+    """The lines of a UTF-8 file, split on "\\n" only, read lazily.
+
+    ``str.splitlines()`` (and text-mode iteration) also break on U+2028 and friends, which
+    JSON allows unescaped inside strings.
+    """
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+                yield line if keep_ends else line.rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte {err.start}): {err.reason}"
+                ) from None
 
 
 def _read_text(path: Path) -> str:
@@ -61,9 +126,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
-    # split on "\n" only: str.splitlines() also breaks on U+2028 and friends, which JSON
-    # allows unescaped inside strings
-    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+    for lineno, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -99,18 +162,64 @@ def _read_parquet(path: Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        i = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield Record(row, f"{path} row {i}")
+                i += 1
+    except DataError:
+        raise
     except Exception as err:  # pyarrow raises several types for a broken file
         raise DataError(f"{path}: cannot read as Parquet ({err})") from None
-    for i, row in enumerate(table.to_pylist()):
-        yield Record(row, f"{path} row {i}")
 
 
-def _read_hub(source: str, hub_config: str | None, split: str) -> Iterator[Record]:
+def _read_csv(path: Path) -> Iterator[Record]:
+    """Rows of a CSV file with a header line; JSON in a cell (a message list) is decoded."""
+    reader = csv.DictReader(_lines(path, keep_ends=True))
+    try:
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row or None in row.values():
+                raise DataError(
+                    f"{where}: {len(reader.fieldnames or [])} columns in the header, "
+                    "a different number in this row"
+                )
+            yield Record({k: _maybe_json(v) for k, v in row.items()}, where)
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+
+
+def _maybe_json(cell: str) -> Any:
+    if cell[:1] in "[{":
+        try:
+            return json.loads(cell)
+        except json.JSONDecodeError:
+            return cell
+    return cell
+
+
+def _read_txt(path: Path, unit: TextUnit) -> Iterator[Record]:
+    """Plain text as ``text`` rows: the whole file, each paragraph, or each line."""
+    if unit == "line":
+        for lineno, line in enumerate(_lines(path), start=1):
+            if line.strip():
+                yield Record({"text": line}, f"{path}:{lineno}")
+        return
+    text = _read_text(path)
+    if unit == "document":
+        if text.strip():
+            yield Record({"text": text}, str(path))
+        return
+    for i, para in enumerate(p for p in re.split(r"\n\s*\n", text) if p.strip()):
+        yield Record({"text": para.strip("\n")}, f"{path} paragraph {i}")
+
+
+def _read_hub(source: str, hub_config: str | None, split: str, streaming: bool) -> Iterator[Record]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, hub_config, split=split)
+        ds = datasets.load_dataset(source, hub_config, split=split, streaming=streaming)
     except Exception as err:  # network, auth, missing dataset: all reported the same way
         raise DataError(
             f"{source!r} is neither a local file nor a loadable hub dataset ({err})"

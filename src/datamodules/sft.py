@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
-import datasets
 from torch.utils.data import DataLoader
 
-from src.datamodules.base import BaseDataModule, SplitStats, as_list
-from src.datamodules.chat import IGNORE_INDEX, Message, prompt_messages, tokenize_conversation
-from src.datamodules.formats import ChatFormat, to_messages
-from src.datamodules.records import DataError, Record
+from src.datamodules.base import BaseDataModule, Columns, Example, as_list
+from src.datamodules.chat import IGNORE_INDEX, ChatEncoder, Message, TrainOn, prompt_messages
+from src.datamodules.collate import Collator
+from src.datamodules.formats import to_chat, to_sft_example
+from src.datamodules.packing import pack_rows
+from src.datamodules.records import Record
+from src.datamodules.sources import as_sources
+from src.datamodules.stats import SplitStats
+
+NO_TRAINED_TOKEN = "with no trained token (no assistant turn within max_length)"
 
 
 class SFTDataModule(BaseDataModule):
-    """Chat data in ``messages`` or alpaca format, trained on the assistant turns.
+    """Chat data (messages, ShareGPT, alpaca, prompt/completion) or text, for SFT.
 
     Args:
-        format: ``auto`` (from the fields of each row), ``messages`` or ``alpaca``.
+        train_on: Tokens that carry a loss: ``assistant`` (every assistant turn, with its
+            end-of-turn token), ``last_assistant``, or ``all``.
+        packing: Pack examples into rows of ``max_length`` by best-fit-decreasing, with
+            ``position_ids`` restarting per example and no attention mask.
+        split_long: When packing, split examples longer than ``max_length`` into pieces
+            instead of truncating them.
+        padding_free: When packing, concatenate a batch's rows into a single row.
         predict_files: Prompts for ``predict`` (rows of the same formats; a final assistant
             turn, if any, is dropped and kept as the reference). Default: the validation data.
         **kwargs: See ``BaseDataModule``.
@@ -26,51 +38,82 @@ class SFTDataModule(BaseDataModule):
     def __init__(
         self,
         *args: Any,
-        format: ChatFormat = "auto",
+        train_on: TrainOn = "assistant",
+        packing: bool = False,
+        split_long: bool = False,
+        padding_free: bool = False,
         predict_files: str | list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.format = format
+        self.train_on = train_on
+        self.packing = packing
+        self.split_long = split_long
+        self.padding_free = padding_free
         self.predict_files = as_list(predict_files)
 
-    def build(self, records: list[Record], stats: SplitStats) -> datasets.Dataset:
-        if records and not self.tokenizer.chat_template:
-            raise DataError(
-                f"the tokenizer {self.tokenizer_name_or_path!r} has no chat template; "
-                "use one that has (a chat or instruct model's tokenizer)"
-            )
-        rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-        for record in records:
-            messages = to_messages(record, self.format)
-            try:
-                tok = tokenize_conversation(self.tokenizer, messages)
-            except ValueError as err:  # the template hides an assistant turn
-                raise DataError(f"{record.where}: {err}") from None
+    def settings(self) -> dict[str, Any]:
+        return {"train_on": self.train_on, "packing": self.packing, "split_long": self.split_long}
+
+    @cached_property
+    def encoder(self) -> ChatEncoder:
+        return ChatEncoder(self.tokenizer, self.train_on)
+
+    def to_example(self, record: Record, fmt: str) -> Example:
+        return to_sft_example(record, fmt)
+
+    def encode_chunk(
+        self, examples: list[Example], wheres: list[str]
+    ) -> tuple[Columns, SplitStats]:
+        stats = SplitStats()
+        columns: Columns = {"input_ids": [], "labels": []}
+        for tok in self.encoder.encode(examples, wheres):
+            reason = self.filters.token_verdict(len(tok.input_ids))
+            if reason:
+                stats.drop(reason)
+                continue
+            pieces = [(tok.input_ids, tok.labels)]
             if len(tok.input_ids) > self.max_length:
                 stats.truncated += 1
-                tok.input_ids = tok.input_ids[: self.max_length]
-                tok.labels = tok.labels[: self.max_length]
-            trained = sum(label != IGNORE_INDEX for label in tok.labels)
-            if trained == 0:
-                stats.drop("with no trained token (no assistant turn within max_length)")
-                continue
-            stats.examples += 1
-            stats.tokens += len(tok.input_ids)
-            stats.trained_tokens += trained
-            rows["input_ids"].append(tok.input_ids)
-            rows["labels"].append(tok.labels)
-        return datasets.Dataset.from_dict(rows)
+                step = self.max_length
+                if self.packing and self.split_long:
+                    pieces = [
+                        (tok.input_ids[i : i + step], tok.labels[i : i + step])
+                        for i in range(0, len(tok.input_ids), step)
+                    ]
+                else:
+                    pieces = [(tok.input_ids[:step], tok.labels[:step])]
+            kept = False
+            for ids, labels in pieces:
+                trained = sum(label != IGNORE_INDEX for label in labels[1:])
+                if trained == 0:
+                    continue
+                kept = True
+                stats.tokens += len(ids)
+                stats.trained_tokens += trained
+                columns["input_ids"].append(ids)
+                columns["labels"].append(labels)
+            if kept:
+                stats.examples += 1
+            else:
+                stats.drop(NO_TRAINED_TOKEN)
+        return columns, stats
 
+    def finalize(self, columns: Columns, stats: SplitStats) -> Columns:
+        if not self.packing:
+            return columns
+        packed = pack_rows(columns["input_ids"], columns["labels"], self.max_length)
+        stats.packed_rows, stats.row_length = len(packed["input_ids"]), self.max_length
+        return packed
+
+    def collator(self) -> Collator:
+        return Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, self.padding_free)
+
+    # ------------------------------------------------------------ generation
     def sample_prompts(self, n: int | None = None) -> list[tuple[list[Message], str]]:
         """The first ``n`` validation conversations as (prompt messages, reference answer)."""
-        return [self._prompt_and_reference(r) for r in self.val_records[:n]]
-
-    def _prompt_and_reference(self, record: Record) -> tuple[list[Message], str]:
-        messages = to_messages(record, self.format)
-        prompt = prompt_messages(messages)
-        reference = messages[len(prompt)]["content"] if len(prompt) < len(messages) else ""
-        return prompt, reference
+        chats = [e for e in self.val_examples if "messages" in e]
+        return [_prompt_and_reference(e["messages"]) for e in chats[:n]]
 
     def setup(self, stage: str | None = None) -> None:
         if stage != "predict" or not self.predict_files:
@@ -79,7 +122,17 @@ class SFTDataModule(BaseDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Batches of (prompt messages, reference) pairs, generated from by the model."""
         if self.predict_files:
-            samples = [self._prompt_and_reference(r) for r in self._read(self.predict_files)]
+            samples = []
+            for i, source in enumerate(as_sources(self.predict_files)):
+                for record in source.records(i):
+                    chat = to_chat(record, source.format or self.format)
+                    samples.append(_prompt_and_reference(chat["messages"]))
         else:
             samples = self.sample_prompts()
         return DataLoader(samples, batch_size=self.val_batch_size, collate_fn=list, shuffle=False)
+
+
+def _prompt_and_reference(messages: list[Message]) -> tuple[list[Message], str]:
+    prompt = prompt_messages(messages)
+    reference = messages[len(prompt)]["content"] if len(prompt) < len(messages) else ""
+    return prompt, reference

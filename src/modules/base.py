@@ -42,6 +42,8 @@ class CausalLMModule(pl.LightningModule):
         model_name_or_path: Hub id or local directory of the model (or of its config alone).
         from_scratch: Initialise weights randomly from the config instead of loading them.
         tokenizer: Tokenizer for generation and export (linked from ``data.tokenizer``).
+        chat_template: Chat template override (linked from ``data.chat_template``), so
+            generation and the export use the template the data were rendered with.
         max_length: Longest row in tokens (linked from ``data.max_length``).
         torch_dtype: Weight dtype; ``auto`` keeps the checkpoint's. Use a ``*-true``
             trainer precision or mixed precision to match.
@@ -63,6 +65,7 @@ class CausalLMModule(pl.LightningModule):
         model_name_or_path: str,
         from_scratch: bool = False,
         tokenizer: str | None = None,
+        chat_template: str | None = None,
         max_length: int | None = None,
         torch_dtype: DType = "float32",
         attn_implementation: str | None = "sdpa",
@@ -90,7 +93,9 @@ class CausalLMModule(pl.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.max_new_tokens = max_new_tokens
         self.model: PreTrainedModel | None = None
-        self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            self.tokenizer_name_or_path, trust_remote_code, chat_template
+        )
         self._step_sums: dict[str, torch.Tensor] = {}
         self._no_decay: set[str] = set()
         self._eval_sums: dict[str, torch.Tensor] = {}
@@ -158,6 +163,12 @@ class CausalLMModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
+        if "real_tokens" in batch:  # share of real (non-pad) tokens in the batch tensors
+            slots = batch.get("input_ids", batch.get("chosen_input_ids"))
+            terms.sums["real_tokens"] = batch["real_tokens"]
+            terms.sums["token_slots"] = torch.tensor(
+                slots.numel() * (2 if "chosen_input_ids" in batch else 1), device=slots.device
+            )
         _accumulate(self._step_sums, terms)
         return terms.loss_sum / self.loss_divisor
 
@@ -174,6 +185,9 @@ class CausalLMModule(pl.LightningModule):
         if not totals:
             return
         count = totals.pop("count")
+        real, slots = totals.pop("real_tokens", None), totals.pop("token_slots", None)
+        if real is not None and slots:
+            self.log("train/padding_efficiency", (real / slots).item(), on_step=True, batch_size=1)
         if count > 0:
             scale = (
                 self.trainer.accumulate_grad_batches

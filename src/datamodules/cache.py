@@ -1,0 +1,105 @@
+"""On-disk cache of prepared datasets, keyed by everything that changes the result.
+
+A key digests the code of the data pipeline, the sources (file contents), the tokenizer and
+its chat template, and every setting of the data module. A second run of the same config
+loads the memory-mapped Arrow files and does no processing; under DDP the work happens
+once (``prepare_data`` on rank 0) and the other ranks load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict
+from itertools import accumulate, chain
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+from transformers import PreTrainedTokenizerBase
+
+from src.datamodules.stats import SplitStats
+
+CODE_DIR = Path(__file__).parent
+
+
+def code_version() -> str:
+    """A digest of the data pipeline's own code and built-in templates."""
+    digest = hashlib.sha256()
+    for path in sorted([*CODE_DIR.glob("*.py"), *CODE_DIR.glob("templates/*.jinja")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    digest = hashlib.sha256()
+    if tokenizer.is_fast:
+        digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update((tokenizer.chat_template or "").encode())
+    digest.update(type(tokenizer).__name__.encode())
+    return digest.hexdigest()
+
+
+def cache_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def columns_to_dataset(columns: dict[str, list]) -> datasets.Dataset:
+    """A dataset from Python columns, lists of ints stored as Arrow list<int32> directly."""
+    arrays = {}
+    for name, values in columns.items():
+        if not values or isinstance(values[0], list):  # token columns (empty: typed alike)
+            offsets = pa.array([0, *accumulate(len(v) for v in values)], type=pa.int64())
+            flat = pa.array(list(chain.from_iterable(values)), type=pa.int32())
+            arrays[name] = pa.LargeListArray.from_arrays(offsets, flat)
+        else:
+            arrays[name] = pa.array(values)
+    return datasets.Dataset(pa.table(arrays))
+
+
+def save(
+    path: Path,
+    splits: dict[str, datasets.Dataset],
+    stats: dict[str, SplitStats],
+    extras: dict[str, Any],
+) -> None:
+    """Write atomically: a reader never sees a half-written cache entry."""
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        for split, ds in splits.items():
+            if len(ds):  # datasets cannot load a saved empty table; load() recreates it
+                ds.save_to_disk(str(tmp / split))
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    (tmp / "stats.json").write_text(json.dumps({k: asdict(v) for k, v in stats.items()}))
+    (tmp / "extras.json").write_text(json.dumps(extras, ensure_ascii=False))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(
+    path: Path,
+) -> tuple[dict[str, datasets.Dataset], dict[str, SplitStats], dict[str, Any]] | None:
+    if not (path / "stats.json").exists():
+        return None
+    stats = {k: SplitStats(**v) for k, v in json.loads((path / "stats.json").read_text()).items()}
+    splits = {
+        split: datasets.load_from_disk(str(path / split))
+        if (path / split).exists()
+        else columns_to_dataset({"input_ids": []})
+        for split in stats
+    }
+    return splits, stats, json.loads((path / "extras.json").read_text())

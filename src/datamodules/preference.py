@@ -1,0 +1,113 @@
+"""Preference data: prompt + chosen and prompt + rejected, sharing the same prompt tokens."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from src.datamodules.base import BaseDataModule, Columns, Example
+from src.datamodules.chat import IGNORE_INDEX, ChatEncoder, Message, encode_texts
+from src.datamodules.collate import PreferenceCollator
+from src.datamodules.formats import to_preference
+from src.datamodules.records import DataError, Record
+from src.datamodules.stats import SplitStats
+
+
+class PreferenceDataModule(BaseDataModule):
+    """Pairs of responses to one prompt (DPO and relatives).
+
+    The prompt is rendered alone with the generation prompt, and each response is the rest
+    of the rendering of prompt + response, so chosen and rejected carry exactly the prompt
+    tokens that generation would see. Too-long pairs keep the end of the prompt (and its
+    BOS) and the start of the responses; they are counted.
+
+    Args:
+        max_prompt_length: Prompt tokens kept when a pair is too long (default: half of
+            ``max_length``); a prompt keeps more when the responses leave room.
+        **kwargs: See ``BaseDataModule``.
+    """
+
+    def __init__(self, *args: Any, max_prompt_length: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_prompt_length = max_prompt_length or self.max_length // 2
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                f"({self.max_length})"
+            )
+
+    def settings(self) -> dict[str, Any]:
+        return {"max_prompt_length": self.max_prompt_length}
+
+    @cached_property
+    def encoder(self) -> ChatEncoder:
+        return ChatEncoder(self.tokenizer)
+
+    def to_example(self, record: Record, fmt: str) -> Example:
+        return to_preference(record, fmt)
+
+    def encode_chunk(
+        self, examples: list[Example], wheres: list[str]
+    ) -> tuple[Columns, SplitStats]:
+        render = self.encoder.renderer
+        prompts, chosen, rejected = [], [], []
+        for example, where in zip(examples, wheres, strict=True):
+            tools = example.get("tools")
+            prompt = render(example["prompt"], add_generation_prompt=True, tools=tools)
+            prompts.append(prompt)
+            for side, out in (("chosen", chosen), ("rejected", rejected)):
+                full = render(example["prompt"] + example[side], tools=tools)
+                if not full.startswith(prompt):
+                    raise DataError(
+                        f"{where}: the chat template renders the prompt differently when a "
+                        f"{side} response follows it, so the pair cannot share prompt tokens"
+                    )
+                out.append(full[len(prompt) :].rstrip())
+        ids = encode_texts(self.tokenizer, prompts + chosen + rejected)
+        n = len(examples)
+        stats = SplitStats()
+        columns: Columns = {
+            k: []
+            for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+        }
+        for i in range(n):
+            prompt_ids = list(ids[i])
+            if self.encoder.needs_bos(prompts[i]):
+                prompt_ids.insert(0, self.encoder.bos_id)
+            responses = {"chosen": list(ids[n + i]), "rejected": list(ids[2 * n + i])}
+            if responses["chosen"] == responses["rejected"]:
+                stats.drop("with identical chosen and rejected responses")
+                continue
+            if not all(responses.values()):
+                stats.drop("with an empty response")
+                continue
+            prompt_ids, responses = self._fit(prompt_ids, responses, stats)
+            stats.examples += 1
+            for side, response in responses.items():
+                columns[f"{side}_input_ids"].append(prompt_ids + response)
+                columns[f"{side}_labels"].append([IGNORE_INDEX] * len(prompt_ids) + response)
+                stats.tokens += len(prompt_ids) + len(response)
+                stats.trained_tokens += len(response)
+        return columns, stats
+
+    def _fit(
+        self, prompt: list[int], responses: dict[str, list[int]], stats: SplitStats
+    ) -> tuple[list[int], dict[str, list[int]]]:
+        """Truncate a too-long pair: the prompt keeps its end, the responses their start."""
+        longest = max(map(len, responses.values()))
+        if len(prompt) + longest <= self.max_length:
+            return prompt, responses
+        stats.truncated += 1
+        keep = min(len(prompt), max(self.max_prompt_length, self.max_length - longest))
+        if keep < len(prompt):
+            has_bos = self.encoder.bos_id is not None and prompt[0] == self.encoder.bos_id
+            prompt = prompt[:1] + prompt[len(prompt) - keep + 1 :] if has_bos else prompt[-keep:]
+        room = self.max_length - len(prompt)
+        return prompt, {side: r[:room] for side, r in responses.items()}
+
+    def collator(self) -> PreferenceCollator:
+        return PreferenceCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    def sample_prompts(self, n: int | None = None) -> list[tuple[list[Message], str]]:
+        """The first ``n`` validation prompts with their chosen responses as references."""
+        return [(e["prompt"], e["chosen"][0].get("content") or "") for e in self.val_examples[:n]]

@@ -1,0 +1,54 @@
+"""What preparation did to a split, reported before training starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SplitStats:
+    rows: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    filtered: dict[str, int] = field(default_factory=dict)
+    packed_rows: int = 0
+    row_length: int = 0
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.filtered[what] = self.filtered.get(what, 0) + n
+
+    def merge(self, other: SplitStats) -> None:
+        for name in ("rows", "examples", "tokens", "trained_tokens", "truncated"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for reason, n in other.dropped.items():
+            self.drop(reason, n)
+        for what, n in other.filtered.items():
+            self.count(what, n)
+
+    @property
+    def packing_efficiency(self) -> float | None:
+        """Share of the packed rows' capacity that holds real tokens."""
+        if not self.packed_rows:
+            return None
+        return self.tokens / (self.packed_rows * self.row_length)
+
+    def summary(self, split: str) -> str:
+        drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
+        text = (
+            f"{split}: {self.rows} rows -> {self.examples} examples, {self.tokens} tokens "
+            f"({self.trained_tokens} trained); truncated {self.truncated}; dropped: {drops}"
+        )
+        if self.filtered:
+            text += "; filters: " + ", ".join(f"{n} {w}" for w, n in self.filtered.items())
+        if self.packed_rows:
+            text += (
+                f"; packed into {self.packed_rows} rows of {self.row_length} "
+                f"({self.packing_efficiency:.1%} filled)"
+            )
+        return text

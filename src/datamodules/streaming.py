@@ -1,0 +1,45 @@
+"""Training rows prepared on the fly from a streamed corpus, split across ranks and workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+if TYPE_CHECKING:
+    from src.datamodules.base import BaseDataModule
+
+
+class StreamingDataset(IterableDataset):
+    """Rows of ``datamodule.stream_rows``; rank r of w (and each loader worker) takes every
+    w-th row. Its state is the number of rows already yielded, so a resumed run continues
+    where the interrupted one stopped."""
+
+    def __init__(self, datamodule: BaseDataModule, skip: int = 0) -> None:
+        self.datamodule = datamodule
+        self.skip = skip
+        self.yielded = 0
+        self._resume_at = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        info = get_worker_info()
+        if info is not None:
+            rank, world = rank * info.num_workers + info.id, world * info.num_workers
+        resume_at, self._resume_at, self.yielded = self._resume_at, 0, 0
+        for i, row in enumerate(self.datamodule.stream_rows(self.skip)):
+            if i % world != rank:
+                continue
+            self.yielded += 1
+            if self.yielded > resume_at:
+                yield row
+
+    def state_dict(self) -> dict[str, int]:
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = state["yielded"]
