@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format tensorboard data assets clean
+.PHONY: help install train preview test test-fast lint format tensorboard data assets bench-data clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -27,6 +27,9 @@ install: $(STAMP) ## Create the virtual environment and install the project (fir
 
 train: $(STAMP) ## Train on the embedded default (CONFIG=configs/sft.yaml, ARGS="--trainer.max_steps 50")
 	$(BIN)/python train.py fit --config $(CONFIG) $(ARGS)
+
+preview: $(STAMP) ## Data statistics and examples with the trained tokens marked (CONFIG=..., ARGS=...)
+	$(BIN)/python -m src.datamodules.preview --config $(CONFIG) $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -51,5 +54,8 @@ data: $(STAMP) ## Rebuild the demo datasets in data/demo (deterministic)
 assets: $(STAMP) ## Rebuild the tiny tokenizer and model config in assets/ (deterministic)
 	$(BIN)/python scripts/build_assets.py
 
-clean: ## Remove runs, caches and the virtual environment
-	rm -rf runs .pytest_cache .ruff_cache $(VENV)
+bench-data: $(STAMP) ## Data preparation benchmark against TRL (bench/data.py)
+	$(BIN)/python bench/data.py $(ARGS)
+
+clean: ## Remove runs, caches (prepared data included) and the virtual environment
+	rm -rf runs .cache .pytest_cache .ruff_cache $(VENV)

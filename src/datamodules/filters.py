@@ -13,11 +13,24 @@ from dataclasses import dataclass
 from typing import Any
 
 EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-# 7+ digits in groups joined by separators (or after a "+"): phone-shaped, not plain numbers
+# phone-shaped candidates: digit groups joined by separators, maybe after "+cc" or "(area)"
 PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?|\d{1,4}[ .-])"
-    r"(?:\d{2,4}[ .-]){1,3}\d{2,4}(?!\w)"
+    r"(?<![\w+(])(?P<intl>\+\d{1,3}[ .-]?)?(?P<area>\(\d{1,4}\)[ .-]?)?"
+    r"\d{1,4}(?:[ .-]\d{1,4}){1,4}(?![\w.-]?\d)"
 )
+
+
+def _is_phone(match: re.Match) -> bool:
+    """7 to 15 digits; without "+" or "(area)", groups of 3+ digits ending in 4, so lists
+    of small numbers ("41 39 12 48") and arithmetic stay untouched."""
+    text = match.group(0)
+    digits = sum(c.isdigit() for c in text)
+    if not 7 <= digits <= 15:
+        return False
+    if match.group("intl") or match.group("area"):
+        return True
+    groups = re.split(r"[ .-]", text)
+    return all(len(g) >= 3 for g in groups) and len(groups[-1]) == 4
 
 
 @dataclass
@@ -57,7 +70,16 @@ def scrub(value: Any, counts: dict[str, int]) -> Any:
     """``value`` with e-mail addresses and phone numbers replaced in every string it holds."""
     if isinstance(value, str):
         value, n_email = EMAIL.subn("<EMAIL>", value)
-        value, n_phone = PHONE.subn("<PHONE>", value)
+        n_phone = 0
+
+        def phone(match: re.Match) -> str:
+            nonlocal n_phone
+            if not _is_phone(match):
+                return match.group(0)
+            n_phone += 1
+            return "<PHONE>"
+
+        value = PHONE.sub(phone, value)
         counts["e-mail addresses"] = counts.get("e-mail addresses", 0) + n_email
         counts["phone numbers"] = counts.get("phone numbers", 0) + n_phone
         return value

@@ -65,7 +65,8 @@ def _checked_format(record: Record, fmt: str, allowed: tuple[str, ...], purpose:
     name = detect_format(row, where, allowed) if fmt == "auto" else fmt
     if name not in allowed:
         raise DataError(
-            f"format {name!r} cannot be used for {purpose} (expected one of {', '.join(allowed)})"
+            f"{where}: format {name!r} cannot be used for {purpose} (expected one of "
+            f"{', '.join(allowed)}, or auto); set data.format or the source's format"
         )
     missing = [f for f in REQUIRED_FIELDS[name] if row.get(f) is None]
     if missing:

@@ -1,0 +1,134 @@
+"""Check the data before spending GPU hours: statistics and examples with trained tokens marked.
+
+    python -m src.datamodules.preview --config configs/sft.yaml [-n 3] [--split val]
+
+Any further ``--data...`` arguments override the config, as with ``train.py``. Trained
+tokens are shown in green on a terminal, or between ``[[`` and ``]]`` otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from transformers import PreTrainedTokenizerBase
+
+from src.datamodules.base import BaseDataModule
+from src.datamodules.chat import IGNORE_INDEX
+from src.datamodules.records import DataError
+
+GREEN, RESET = "\033[42;30m", "\033[0m"
+
+
+def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.datamodules.preview", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--config", action="append", required=True, help="a training config")
+    parser.add_argument("-n", "--examples", type=int, default=3, help="examples to render")
+    parser.add_argument("--split", choices=["train", "val"], default="train")
+    parser.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    args, overrides = parser.parse_known_args(argv)
+    color = args.color == "always" or (args.color == "auto" and out.isatty())
+
+    from src.cli import cli_main  # the same parsing and defaults as train.py
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+
+    config_args = [a for path in args.config for a in ("--config", path)]
+    try:
+        cli = cli_main([*config_args, *overrides], run=False)
+        dm: BaseDataModule = cli.datamodule
+        dm.prepare_data()
+        dm.setup("fit")
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 1
+    for split, stats in dm.stats.items():
+        print(stats.summary(split), file=out)
+    data = dm.datasets[args.split]
+    if not hasattr(data, "__len__"):
+        print(f"\n{args.split}: streamed; showing its first rows", file=out)
+    print(f"\n{args.split} lengths (tokens per example):", file=out)
+    print(histogram(list(example_lengths(data)), dm.max_length), file=out)
+    for i, row in enumerate(data):
+        if i == args.examples:
+            break
+        print(f"\n=== {args.split} row {i} ===", file=out)
+        print(render_row(dm.tokenizer, row, color), file=out)
+    return 0
+
+
+def example_lengths(data: Any, limit: int = 100_000) -> Iterator[int]:
+    """Token count of every example (documents of packed rows, responses of pairs)."""
+    for i, row in enumerate(data):
+        if i == limit:
+            return
+        if "seq_lengths" in row:
+            yield from row["seq_lengths"]
+        elif "chosen_input_ids" in row:
+            yield len(row["chosen_input_ids"])
+            yield len(row["rejected_input_ids"])
+        else:
+            yield len(row["input_ids"])
+
+
+def histogram(lengths: list[int], max_length: int, bins: int = 8, width: int = 40) -> str:
+    if not lengths:
+        return "  (empty)"
+    step = max(1, -(-max(max(lengths), 1) // bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min(n // step, bins - 1)] += 1
+    top = max(counts)
+    lines = [
+        f"  {b * step:>6}-{(b + 1) * step - 1:<6} {'#' * round(width * c / top):<{width}} {c}"
+        for b, c in enumerate(counts)
+    ]
+    mean = sum(lengths) / len(lengths)
+    lines.append(f"  mean {mean:.1f}, max {max(lengths)} (max_length {max_length})")
+    return "\n".join(lines)
+
+
+def render_row(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], color: bool) -> str:
+    """The row as text, trained tokens marked; packed rows document by document."""
+    if "chosen_input_ids" in row:
+        return "\n".join(
+            f"--- {side} ---\n"
+            + mark(tokenizer, row[f"{side}_input_ids"], row[f"{side}_labels"], color)
+            for side in ("chosen", "rejected")
+        )
+    ids = row["input_ids"]
+    labels = row.get("labels") or ids
+    pieces = row.get("seq_lengths") or [len(ids)]
+    parts, start = [], 0
+    for k, n in enumerate(pieces):
+        head = f"--- document {k} ({n} tokens) ---\n" if len(pieces) > 1 else ""
+        parts.append(
+            head + mark(tokenizer, ids[start : start + n], labels[start : start + n], color)
+        )
+        start += n
+    return "\n".join(parts)
+
+
+def mark(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int], color: bool) -> str:
+    """Decoded runs of tokens, the trained runs highlighted."""
+    out, run, trained = [], [], None
+    for token, label in [*zip(ids, labels, strict=True), (None, None)]:
+        is_trained = label is not None and label != IGNORE_INDEX
+        if run and (token is None or is_trained != trained):
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            if trained:
+                text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+            out.append(text)
+            run = []
+        run.append(token)
+        trained = is_trained
+    return "".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
