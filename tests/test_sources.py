@@ -305,7 +305,12 @@ def test_fingerprint_follows_content_not_timestamps(tmp_path):
     data.write_text('{"text": "one"}\n', encoding="utf-8")
     memo = tmp_path / "memo"
     sources = [Source(str(data))]
-    base_ns = data.stat().st_mtime_ns
+    assert fingerprint(sources, memo) == fingerprint(sources)
+    # a file written moments ago is never memoised: a same-size rewrite within the
+    # timestamp's precision would otherwise keep a stale hash
+    assert json.loads((memo / "file_hashes.json").read_text()) == {}
+    base_ns = data.stat().st_mtime_ns - 100 * 10**9
+    set_mtime(data, base_ns)
     first = fingerprint(sources, memo)
     assert fingerprint(sources, memo) == first
     assert len(json.loads((memo / "file_hashes.json").read_text())) == 1
@@ -413,3 +418,13 @@ def test_config_file_parses_train_files_as_sources(monkeypatch, tmp_path):
         ["--config", "configs/sft.yaml", "--data.init_args.train_files", '["x.jsonl", "y.csv"]']
     )
     assert parsed.data.init_args.train_files == ["x.jsonl", "y.csv"]
+    mixed = cli.parser.parse_args(
+        [
+            "--config",
+            "configs/sft.yaml",
+            "--data.init_args.train_files",
+            '[{"path": "x.jsonl", "weight": 2}, "y.csv"]',
+        ]
+    )
+    first, second = mixed.data.init_args.train_files
+    assert (first.path, first.weight, second) == ("x.jsonl", 2.0, "y.csv")

@@ -98,8 +98,8 @@ class BaseDataModule(pl.LightningDataModule):
     def __init__(
         self,
         tokenizer: str,
-        train_files: str | list[str] | list[Source] | None = None,
-        val_files: str | list[str] | list[Source] | None = None,
+        train_files: str | list[str | Source] | None = None,
+        val_files: str | list[str | Source] | None = None,
         val_split: float = 0.05,
         stratify_by: str | None = None,
         format: str = "auto",

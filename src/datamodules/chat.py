@@ -67,12 +67,24 @@ class ChatRenderer:
                 messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         return self._compiled.render(
-            messages=messages,
+            messages=_template_messages(messages),
             tools=tools,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **self.context,
         )
+
+
+def _template_messages(messages: list[Message]) -> list[Message]:
+    """The messages as ``apply_chat_template`` hands them to the template: without the keys
+    whose value is None (Parquet rows carry ``tool_calls: None`` on every message) and, where
+    transformers does so, with reasoning under other names copied to ``reasoning_content``."""
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    try:
+        from transformers.utils.chat_template_utils import _alias_reasoning_fields
+    except ImportError:
+        return messages
+    return _alias_reasoning_fields(messages)
 
 
 def _compile(template: str) -> Any:
@@ -100,13 +112,21 @@ def assistant_spans(
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        content = msg.get("content") or ""
+        content = (msg.get("content") or "").strip()  # templates often trim it
         start = _prefix_end(text, render_fn(messages[:i], add_generation_prompt=True, tools=tools))
+        end = _closed_turn_end(text, render_fn(messages[: i + 1], tools=tools), eos_token)
         if start is None or start < cursor:
-            start = text.find(content, cursor) if content else -1
+            # the last place of the content before the turn's end, not an echo of it in the
+            # prompt (Mistral v0.3 moves the system message into the last user turn)
+            if not content:
+                start = -1
+            elif end is not None and end > cursor:
+                start = text.rfind(content, cursor, end)
+            else:
+                start = text.find(content, cursor)
             if start < 0:
                 raise ValueError(f"assistant message {i} is not in the chat template's rendering")
-        end = _prefix_end(text, render_fn(messages[: i + 1], tools=tools))
+            start = max(cursor, len(text[:start].rstrip(" ")))  # "[/INST] 42": the model writes " "
         if end is None or end <= start:
             end = _turn_end(eos_token, text, start, i)
         end = len(text[:end].rstrip())
@@ -117,6 +137,15 @@ def assistant_spans(
 
 def _prefix_end(text: str, prefix: str) -> int | None:
     return len(prefix) if prefix and text.startswith(prefix) else None
+
+
+def _closed_turn_end(text: str, rendered: str, eos: str | None) -> int | None:
+    """Where ``rendered`` (the conversation through a turn) stops in ``text``, less an EOS that
+    the template writes only to close a conversation (Phi-3: ``{% else %}{{ eos_token }}``)."""
+    end = _prefix_end(text, rendered)
+    if end is None and eos and rendered.endswith(eos):
+        end = _prefix_end(text, rendered[: -len(eos)])
+    return end
 
 
 def _turn_end(eos: str | None, text: str, start: int, index: int) -> int:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,6 +143,9 @@ def fingerprint(sources: list[Source], memo_dir: Path | None = None) -> str:
         for path in local_files(source.path) or []:
             stat = path.stat()
             key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+            if time.time() - stat.st_mtime < 2:  # a rewrite within the timestamp's precision
+                digest.update(_file_hash(path).encode())  # could keep this key: never memoise
+                continue
             if key not in memo:
                 memo[key] = _file_hash(path)
             digest.update(memo[key].encode())
