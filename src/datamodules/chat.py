@@ -80,11 +80,15 @@ def _template_messages(messages: list[Message]) -> list[Message]:
     whose value is None (Parquet rows carry ``tool_calls: None`` on every message) and, where
     transformers does so, with reasoning under other names copied to ``reasoning_content``."""
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    try:
-        from transformers.utils.chat_template_utils import _alias_reasoning_fields
-    except ImportError:
-        return messages
     return _alias_reasoning_fields(messages)
+
+
+try:  # transformers' own renaming, where it has one
+    from transformers.utils.chat_template_utils import _alias_reasoning_fields
+except ImportError:  # pragma: no cover - older transformers
+
+    def _alias_reasoning_fields(messages: list[Message]) -> list[Message]:
+        return messages
 
 
 def _compile(template: str) -> Any:
