@@ -55,3 +55,18 @@ def conversation(*turns: str, system: str | None = None) -> dict:
     roles = ["user", "assistant"]
     messages += [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
     return {"messages": messages}
+
+
+def trained_runs(tokenizer, tokenized) -> list[str]:
+    """Decoded runs of consecutive trained tokens; every trained label is its input id."""
+    runs, current = [], []
+    for token, label in zip(tokenized.input_ids, tokenized.labels, strict=True):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs

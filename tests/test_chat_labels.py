@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerFast
 
 from src.datamodules.chat import IGNORE_INDEX, prompt_messages, tokenize_conversation
-from tests.conftest import conversation
+from tests.conftest import conversation, trained_runs
 
 # A Llama-3-style template without {% generation %} markers that adds a date line the
 # messages do not contain, and a BOS of its own.
@@ -23,27 +23,12 @@ LLAMA3_STYLE = (
 )
 
 
-def trained_text(tokenizer, tokenized) -> list[str]:
-    """Decoded runs of consecutive trained tokens."""
-    runs, current = [], []
-    for token, label in zip(tokenized.input_ids, tokenized.labels, strict=True):
-        if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
-        elif current:
-            runs.append(tokenizer.decode(current))
-            current = []
-    if current:
-        runs.append(tokenizer.decode(current))
-    return runs
-
-
 def test_multi_turn_with_system_prompt_trains_assistant_turns_and_their_end(tokenizer):
     row = conversation(
         "What is 12 + 30?", "42", "Now add 5 to that.", "47", system="You are a terse assistant."
     )
     tok = tokenize_conversation(tokenizer, row["messages"])
-    assert trained_text(tokenizer, tok) == ["42<|im_end|>", "47<|im_end|>"]
+    assert trained_runs(tokenizer, tok) == ["42<|im_end|>", "47<|im_end|>"]
     assert tokenizer.decode(tok.input_ids).startswith("<|im_start|>system\nYou are a terse")
     # The end-of-turn token of each assistant turn is trained; none of the others is.
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -76,7 +61,7 @@ def test_template_with_injected_text_and_bos_masks_right_and_has_one_bos(tokeniz
         "Reverse the words: red fox", "fox red", "Uppercase it.", "FOX RED", system="Be brief."
     )
     tok = tokenize_conversation(other, row["messages"])
-    assert trained_text(other, tok) == ["fox red<|eot_id|>", "FOX RED<|eot_id|>"]
+    assert trained_runs(other, tok) == ["fox red<|eot_id|>", "FOX RED<|eot_id|>"]
     assert tok.input_ids.count(other.bos_token_id) == 1
     assert tok.input_ids[0] == other.bos_token_id
 
@@ -107,4 +92,4 @@ def test_template_that_rewrites_earlier_turns_never_trains_user_text(tokenizer):
         "What is 1 + 1?", "<think>one and one</think> 2", "And 2 + 2?", "<think>two</think> 4"
     )
     tok = tokenize_conversation(other, row["messages"])
-    assert trained_text(other, tok) == ["2<|im_end|>", "<think>two</think> 4<|im_end|>"]
+    assert trained_runs(other, tok) == ["2<|im_end|>", "<think>two</think> 4<|im_end|>"]

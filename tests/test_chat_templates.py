@@ -21,13 +21,12 @@ from src.datamodules.chat import (
     IGNORE_INDEX,
     ChatEncoder,
     ChatRenderer,
-    Tokenized,
     encode_with_offsets,
     tokenize_conversation,
 )
 from src.datamodules.records import DataError
 from src.datamodules.templates import BUILTIN_TEMPLATES
-from tests.conftest import ASSETS
+from tests.conftest import ASSETS, trained_runs
 
 # ---------------------------------------------------------------------------------------------
 # Real-world chat templates, written out (the Jinja environment trims blocks, as the hub's do)
@@ -543,21 +542,6 @@ def build(tokenizer, spec: Spec, template: str | None = None) -> PreTrainedToken
 @pytest.fixture(scope="module")
 def toks(tokenizer) -> dict[str, PreTrainedTokenizerFast]:
     return {name: build(tokenizer, spec) for name, spec in SPECS.items()}
-
-
-def trained_runs(tok, tokenized: Tokenized) -> list[str]:
-    """Decoded runs of consecutive trained tokens; every trained label is its input id."""
-    runs, current = [], []
-    for token, label in zip(tokenized.input_ids, tokenized.labels, strict=True):
-        if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
-        elif current:
-            runs.append(tok.decode(current))
-            current = []
-    if current:
-        runs.append(tok.decode(current))
-    return runs
 
 
 def expected_runs(name: str) -> list[str]:

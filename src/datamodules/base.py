@@ -257,13 +257,13 @@ class BaseDataModule(pl.LightningDataModule):
         if not self.train_sources:
             raise DataError("no training data: set data.train_files")
         train_stats, val_stats = SplitStats(), SplitStats()
-        train = self._read_examples(self.train_sources, train_stats)
+        train = list(self._iter_examples(self.train_sources, train_stats))
         if not train:
             paths = ", ".join(s.path for s in self.train_sources)
             raise DataError(f"the training data hold no rows: {paths}")
         seen = {example_hash(e) for e, _, _ in train} if self.filters.dedup else set()
         if self.val_sources:
-            val = self._read_examples(self.val_sources, val_stats, seen=seen)
+            val = list(self._iter_examples(self.val_sources, val_stats, seen=seen))
         else:
             strata = self._strata(train)
             train_idx, val_idx = split_indices(len(train), self.val_split, self.seed, strata)
@@ -277,30 +277,15 @@ class BaseDataModule(pl.LightningDataModule):
             "val": self._encode_split(val, val_stats),
         }
 
-    def _read_examples(
-        self,
-        sources: list[Source],
-        stats: SplitStats,
-        seen: set[bytes] | None = None,
-        records: Iterator[Record] | None = None,
-    ) -> list[tuple[Example, str, Any]]:
-        """(example, where, stratum) of every row, scrubbed and de-duplicated, counted."""
-        out = []
-        for example, where, stratum in self._iter_examples(sources, stats, seen, records):
-            out.append((example, where, stratum))
-        return out
-
     def _iter_examples(
         self,
         sources: list[Source],
         stats: SplitStats,
         seen: set[bytes] | None = None,
-        records: Iterator[Record] | None = None,
     ) -> Iterator[tuple[Example, str, Any]]:
+        """(example, where, stratum) of every row, scrubbed and de-duplicated, counted."""
         seen = set() if seen is None else seen
-        if records is None:
-            records = mix(sources, self.mix, self.seed, self.stopping, self.streaming)
-        for record in records:
+        for record in mix(sources, self.mix, self.seed, self.stopping, self.streaming):
             stats.rows += 1
             example = self.to_example(record, sources[record.source].format or self.format)
             if self.filters.scrub_pii:
@@ -373,7 +358,7 @@ class BaseDataModule(pl.LightningDataModule):
             raise DataError("no training data: set data.train_files")
         val_stats = SplitStats()
         if self.val_sources:
-            val, held_out = self._read_examples(self.val_sources, val_stats), 0
+            val, held_out = list(self._iter_examples(self.val_sources, val_stats)), 0
         else:
             held_out = int(self.val_split)
             val = []
