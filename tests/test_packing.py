@@ -344,8 +344,10 @@ def test_split_long_packs_the_pieces_of_a_long_conversation(tmp_path, tokenizer)
     cut = _sft_module(tmp_path, [long], packing=True, max_length=64)
     split.setup("fit")
     cut.setup("fit")
-    for dm in (split, cut):
-        assert dm.stats["train"].truncated == 1 and dm.stats["train"].examples == 1
+    assert (cut.stats["train"].truncated, cut.stats["train"].examples) == (1, 1)
+    # split, nothing is lost: counted as split, not truncated
+    assert (split.stats["train"].truncated, split.stats["train"].examples) == (0, 1)
+    assert split.stats["train"].filtered == {"long examples split into pieces": 1}
     split_rows = split.datasets["train"]
     assert split_rows["seq_lengths"] == [[64], [len(full.input_ids) - 64]]
     assert [t for ids in split_rows["input_ids"] for t in ids] == full.input_ids

@@ -190,9 +190,9 @@ class BaseDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------- preparation
     def prepare_data(self) -> None:
         """Runs once per node before ``setup``: prepares and caches, so other ranks just load."""
-        if not self.streaming and self.cache_path is not None and not self._load_cache():
+        if self.cache_path is not None and not cache.exists(self.cache_path):
             self._prepare_and_cache()
-            self.datasets = {}  # setup reloads from the cache, like every other rank
+            self.datasets = {}  # setup loads and reports it, like every other rank
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -326,13 +326,16 @@ class BaseDataModule(pl.LightningDataModule):
         stats.merge(encoded)
         return cache.columns_to_dataset(self.finalize(columns, stats))
 
-    def encode_all(self, examples: list[Example], wheres: list[str]) -> tuple[Columns, SplitStats]:
+    def encode_all(
+        self, examples: list[Example], wheres: list[str], parallel: bool = True
+    ) -> tuple[Columns, SplitStats]:
         """``encode_chunk`` over all examples, in ``num_proc`` processes, in order."""
         chunks = [
             (examples[i : i + CHUNK], wheres[i : i + CHUNK]) for i in range(0, len(examples), CHUNK)
         ] or [([], [])]  # an empty split still gets its columns
         if (
-            self.num_proc > 1
+            parallel
+            and self.num_proc > 1
             and len(chunks) > 1
             and "fork" in multiprocessing.get_all_start_methods()
         ):
@@ -372,7 +375,10 @@ class BaseDataModule(pl.LightningDataModule):
         return {"val": self._encode_split(val, val_stats)}, self.stats, held_out
 
     def stream_rows(self, skip: int) -> Iterator[dict[str, Any]]:
-        """Training rows prepared on the fly, in windows of ``CHUNK * 10`` examples."""
+        """Training rows prepared on the fly, in windows of ``CHUNK * 10`` examples.
+
+        What was truncated or dropped is reported at the end of each pass.
+        """
         stats = SplitStats()
         window: list[tuple[Example, str, Any]] = []
         for n, item in enumerate(self._iter_examples(self.train_sources, stats)):
@@ -380,13 +386,23 @@ class BaseDataModule(pl.LightningDataModule):
                 continue
             window.append(item)
             if len(window) == CHUNK * 10:
-                yield from self._window_rows(window)
+                yield from self._window_rows(window, stats)
                 window = []
         if window:
-            yield from self._window_rows(window)
+            yield from self._window_rows(window, stats)
+        stats.rows -= skip
+        rank_zero_info(f"[data] {stats.summary('train (one pass of the stream)')}")
+        if stats.examples == 0:
+            raise DataError(f"the training stream holds no examples ({stats.summary('train')})")
 
-    def _window_rows(self, window: list[tuple[Example, str, Any]]) -> Iterator[dict[str, Any]]:
-        columns, stats = self.encode_all([e for e, _, _ in window], [w for _, w, _ in window])
+    def _window_rows(
+        self, window: list[tuple[Example, str, Any]], stats: SplitStats
+    ) -> Iterator[dict[str, Any]]:
+        # in-process: this may run inside a data-loader worker, which cannot fork
+        columns, encoded = self.encode_all(
+            [e for e, _, _ in window], [w for _, w, _ in window], parallel=False
+        )
+        stats.merge(encoded)
         columns = self.finalize(columns, stats)
         names = list(columns)
         for values in zip(*(columns[k] for k in names), strict=True):
@@ -405,6 +421,9 @@ class BaseDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> StatefulDataLoader:
+        data = self.datasets["train"]
+        if isinstance(data, StreamingDataset) and self.trainer is not None:
+            data.rank, data.world_size = self.trainer.global_rank, self.trainer.world_size
         return self._loader("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> StatefulDataLoader | list:

@@ -25,12 +25,15 @@ from transformers import PreTrainedTokenizerBase
 from src.datamodules.stats import SplitStats
 
 CODE_DIR = Path(__file__).parent
+# modules that do not change what is stored
+NOT_IN_KEY = {"cache.py", "collate.py", "preview.py", "stats.py", "streaming.py", "__init__.py"}
 
 
 def code_version() -> str:
-    """A digest of the data pipeline's own code and built-in templates."""
+    """A digest of the data pipeline's code that shapes prepared data, and the templates."""
     digest = hashlib.sha256()
-    for path in sorted([*CODE_DIR.glob("*.py"), *CODE_DIR.glob("templates/*.jinja")]):
+    files = [p for p in CODE_DIR.glob("*.py") if p.name not in NOT_IN_KEY]
+    for path in sorted([*files, *CODE_DIR.glob("templates/*.jinja")]):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 
@@ -90,10 +93,14 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def exists(path: Path) -> bool:
+    return (path / "stats.json").exists()
+
+
 def load(
     path: Path,
 ) -> tuple[dict[str, datasets.Dataset], dict[str, SplitStats], dict[str, Any]] | None:
-    if not (path / "stats.json").exists():
+    if not exists(path):
         return None
     stats = {k: SplitStats(**v) for k, v in json.loads((path / "stats.json").read_text()).items()}
     splits = {

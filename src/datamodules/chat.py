@@ -14,9 +14,12 @@ exactly those inference sees.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from src.datamodules.records import DataError
@@ -104,6 +107,28 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], **kwargs
     return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
+@contextmanager
+def row_errors(where: str) -> Iterator[None]:
+    """A template that rejects a row (``raise_exception``, a missing field) or a turn that
+    cannot be located, reported as a ``DataError`` naming the row."""
+    try:
+        yield
+    except DataError:
+        raise
+    except jinja2.TemplateError as err:
+        raise DataError(f"{where}: the chat template rejects this conversation: {err}") from None
+    except ValueError as err:
+        raise DataError(f"{where}: {err}") from None
+
+
+def _try_render(render_fn: Any, messages: list[Message], **kwargs: Any) -> str | None:
+    """A prefix rendering, or None where the template refuses a partial conversation."""
+    try:
+        return render_fn(messages, **kwargs)
+    except jinja2.TemplateError:
+        return None
+
+
 def assistant_spans(
     render_fn: Any, messages: list[Message], text: str, eos_token: str | None, tools: Any = None
 ) -> list[tuple[int, int]]:
@@ -117,8 +142,10 @@ def assistant_spans(
         if msg["role"] != "assistant":
             continue
         content = (msg.get("content") or "").strip()  # templates often trim it
-        start = _prefix_end(text, render_fn(messages[:i], add_generation_prompt=True, tools=tools))
-        end = _closed_turn_end(text, render_fn(messages[: i + 1], tools=tools), eos_token)
+        prefix = _try_render(render_fn, messages[:i], add_generation_prompt=True, tools=tools)
+        start = _prefix_end(text, prefix) if prefix is not None else None
+        through = _try_render(render_fn, messages[: i + 1], tools=tools)
+        end = _closed_turn_end(text, through, eos_token) if through is not None else None
         if start is None or start < cursor:
             # the last place of the content before the turn's end, not an echo of it in the
             # prompt (Mistral v0.3 moves the system message into the last user turn)
@@ -241,10 +268,8 @@ class ChatEncoder:
         """Each example rendered, tokenized once, and labelled by character offsets."""
         texts, spans = [], []
         for example, where in zip(examples, wheres, strict=True):
-            try:
+            with row_errors(where):
                 text, example_spans = self.render_example(example)
-            except ValueError as err:  # the template hides an assistant turn
-                raise DataError(f"{where}: {err}") from None
             texts.append(text)
             spans.append(example_spans)
         out = []

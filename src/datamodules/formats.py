@@ -50,7 +50,7 @@ CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 def detect_format(row: dict[str, Any], where: str, allowed: tuple[str, ...]) -> str:
     """Name the format of a row from its fields, among the ``allowed`` ones."""
     for name in allowed:
-        if all(f in row for f in REQUIRED_FIELDS[name]):
+        if all(row.get(f) is not None for f in REQUIRED_FIELDS[name]):
             return name
     expected = " or ".join(f"({', '.join(REQUIRED_FIELDS[n])})" for n in allowed)
     raise DataError(
@@ -94,7 +94,9 @@ def to_chat(record: Record, fmt: str = "auto") -> Example:
     elif name == "sharegpt":
         messages = _from_sharegpt(row["conversations"], where)
     elif name == "prompt_completion":
-        messages = _turns(row["prompt"], "user") + _turns(row["completion"], "assistant")
+        messages = _turns(row["prompt"], "user", where, "prompt") + _turns(
+            row["completion"], "assistant", where, "completion"
+        )
     else:
         messages = row["messages"]
     return _with_tools({"messages": check_messages(messages, where)}, row)
@@ -115,10 +117,10 @@ def to_preference(record: Record, fmt: str = "auto") -> Example:
     """
     row, where = record.row, record.where
     _checked_format(record, fmt, ("preference",), "preference data")
-    chosen = _turns(row["chosen"], "assistant")
-    rejected = _turns(row["rejected"], "assistant")
+    chosen = _turns(row["chosen"], "assistant", where, "chosen")
+    rejected = _turns(row["rejected"], "assistant", where, "rejected")
     if row.get("prompt") is not None:
-        prompt = _turns(row["prompt"], "user")
+        prompt = _turns(row["prompt"], "user", where, "prompt")
     else:
         shared = 0
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
@@ -142,9 +144,16 @@ def _text(record: Record) -> str:
     return text
 
 
-def _turns(value: Any, role: str) -> list[Message]:
-    """A string becomes one message of ``role``; a message list is kept as is."""
-    return [{"role": role, "content": value}] if isinstance(value, str) else value
+def _turns(value: Any, role: str, where: str, field: str) -> list[Message]:
+    """A string becomes one message of ``role``; a non-empty message list is kept as is."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(
+            f"{where}: {field!r} must be a string or a non-empty list of messages, "
+            f"found {type(value).__name__ if value else 'an empty value'}"
+        )
+    return value
 
 
 def _with_tools(example: Example, row: dict[str, Any]) -> Example:

@@ -6,7 +6,7 @@ from functools import cached_property
 from typing import Any
 
 from src.datamodules.base import BaseDataModule, Columns, Example
-from src.datamodules.chat import IGNORE_INDEX, ChatEncoder, Message, encode_texts
+from src.datamodules.chat import IGNORE_INDEX, ChatEncoder, Message, encode_texts, row_errors
 from src.datamodules.collate import PreferenceCollator
 from src.datamodules.formats import to_preference
 from src.datamodules.records import DataError, Record
@@ -53,10 +53,12 @@ class PreferenceDataModule(BaseDataModule):
         prompts, chosen, rejected = [], [], []
         for example, where in zip(examples, wheres, strict=True):
             tools = example.get("tools")
-            prompt = render(example["prompt"], add_generation_prompt=True, tools=tools)
+            with row_errors(where):
+                prompt = render(example["prompt"], add_generation_prompt=True, tools=tools)
             prompts.append(prompt)
             for side, out in (("chosen", chosen), ("rejected", rejected)):
-                full = render(example["prompt"] + example[side], tools=tools)
+                with row_errors(where):
+                    full = render(example["prompt"] + example[side], tools=tools)
                 if not full.startswith(prompt):
                     raise DataError(
                         f"{where}: the chat template renders the prompt differently when a "
@@ -82,6 +84,9 @@ class PreferenceDataModule(BaseDataModule):
                 stats.drop("with an empty response")
                 continue
             prompt_ids, responses = self._fit(prompt_ids, responses, stats)
+            if responses["chosen"] == responses["rejected"]:
+                stats.drop("with chosen and rejected identical after truncation")
+                continue
             stats.examples += 1
             for side, response in responses.items():
                 columns[f"{side}_input_ids"].append(prompt_ids + response)
@@ -100,7 +105,8 @@ class PreferenceDataModule(BaseDataModule):
         stats.truncated += 1
         keep = min(len(prompt), max(self.max_prompt_length, self.max_length - longest))
         if keep < len(prompt):
-            has_bos = self.encoder.bos_id is not None and prompt[0] == self.encoder.bos_id
+            bos_id = self.tokenizer.bos_token_id  # written by the template or added by us
+            has_bos = bos_id is not None and prompt[0] == bos_id
             prompt = prompt[:1] + prompt[len(prompt) - keep + 1 :] if has_bos else prompt[-keep:]
         room = self.max_length - len(prompt)
         return prompt, {side: r[:room] for side, r in responses.items()}

@@ -21,6 +21,7 @@ class PretrainDataModule(BaseDataModule):
     into blocks of ``max_length``; the last, shorter block is kept and padded.
 
     Args:
+        format: ``text`` (or ``auto``).
         isolate_documents: Restart ``position_ids`` at every document in a block and never
             predict a document's first token from the previous one (no cross-document
             attention), instead of plain concatenation.
@@ -31,12 +32,12 @@ class PretrainDataModule(BaseDataModule):
     def __init__(
         self,
         *args: Any,
+        format: str = "text",
         isolate_documents: bool = False,
         padding_free: bool = False,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("format", "text")
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, format=format, **kwargs)
         self.isolate_documents = isolate_documents
         self.padding_free = padding_free
 

@@ -74,14 +74,15 @@ class SFTDataModule(BaseDataModule):
                 continue
             pieces = [(tok.input_ids, tok.labels)]
             if len(tok.input_ids) > self.max_length:
-                stats.truncated += 1
                 step = self.max_length
                 if self.packing and self.split_long:
+                    stats.count("long examples split into pieces")
                     pieces = [
                         (tok.input_ids[i : i + step], tok.labels[i : i + step])
                         for i in range(0, len(tok.input_ids), step)
                     ]
                 else:
+                    stats.truncated += 1
                     pieces = [(tok.input_ids[:step], tok.labels[:step])]
             kept = False
             for ids, labels in pieces:
