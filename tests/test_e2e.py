@@ -192,3 +192,50 @@ def test_bad_data_stops_train_py_with_a_message_not_a_traceback(tmp_path):
         f"data error: {bad}:2: malformed JSON (Expecting value at column 15)"
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_prepares_data_once_and_finishes(tmp_path):
+    """2 CPU processes (gloo): rank 0 prepares and caches, both train, callbacks write once."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "sft.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--data.init_args.packing",
+            "true",
+            "--data.init_args.batch_size",
+            "4",
+            "--data.init_args.cache_dir",
+            str(tmp_path / "cache"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        cwd=ROOT,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    entries = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and entries[0].startswith("SFTDataModule-")  # prepared once
+    assert "prepared data loaded from the cache" in result.stderr + result.stdout
+    run = tmp_path / "runs" / "sft" / "version_0"
+    samples = (run / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * 8  # steps 0 and 2, eight prompts each, written by rank 0 only
+    assert (run / "hf" / "config.json").exists()

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from src.callbacks.run_dir import run_dir
 from src.datamodules.chat import missing_bos
 
 Message = dict[str, Any]
@@ -132,8 +133,8 @@ class SampleGeneration(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("samples", table, global_step=trainer.global_step)
-        if trainer.log_dir:
-            with open(Path(trainer.log_dir) / "samples.jsonl", "a", encoding="utf-8") as f:
+        if run_dir(trainer):
+            with open(Path(run_dir(trainer)) / "samples.jsonl", "a", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
 

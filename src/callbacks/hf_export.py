@@ -7,6 +7,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from src.callbacks.run_dir import run_dir
+
 
 class HFExport(pl.Callback):
     """Write ``save_pretrained`` output (safetensors) at the end of fit.
@@ -19,9 +21,9 @@ class HFExport(pl.Callback):
         self.dirname = dirname
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        if not trainer.is_global_zero or run_dir(trainer) is None:
             return
-        out = Path(trainer.log_dir) / self.dirname
+        out = Path(run_dir(trainer)) / self.dirname
         pl_module.model.save_pretrained(out, safe_serialization=True)
         pl_module.tokenizer.save_pretrained(out)
         rank_zero_info(f"[export] model and tokenizer written to {out}")

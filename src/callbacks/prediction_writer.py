@@ -9,6 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from src.callbacks.run_dir import run_dir
+
 
 class PredictionWriter(BasePredictionWriter):
     """Append each predicted batch (prompt, reference, output) to a JSON Lines file.
@@ -31,9 +33,9 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        if not trainer.is_global_zero or run_dir(trainer) is None:
             return
-        path = Path(trainer.log_dir) / self.filename
+        path = Path(run_dir(trainer)) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             for row in prediction:

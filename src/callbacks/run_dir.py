@@ -1,0 +1,15 @@
+"""The run directory, read on rank 0 without a collective."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+
+def run_dir(trainer: pl.Trainer) -> str | None:
+    """What ``trainer.log_dir`` returns, minus its broadcast: ``trainer.log_dir`` is a
+    collective under DDP, so calling it from rank 0 alone hangs the run."""
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    return logger.log_dir if isinstance(logger, TensorBoardLogger | CSVLogger) else logger.save_dir
