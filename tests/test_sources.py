@@ -428,3 +428,18 @@ def test_config_file_parses_train_files_as_sources(monkeypatch, tmp_path):
     )
     first, second = mixed.data.init_args.train_files
     assert (first.path, first.weight, second) == ("x.jsonl", 2.0, "y.csv")
+
+
+def test_module_wide_column_mapping_applies_to_sources_without_their_own(tmp_path):
+    mine = write_jsonl(tmp_path / "mine.jsonl", [{"dialog": conversation("q", "a")["messages"]}])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"chat": conversation("x", "y")["messages"]}])
+    dm = SFTDataModule(
+        tokenizer=str(ASSETS),
+        train_files=[str(mine), Source(str(other), columns={"messages": "chat"})],
+        columns={"messages": "dialog"},
+        val_split=0,
+        cache_dir=None,
+    )
+    assert [s.columns for s in dm.train_sources] == [{"messages": "dialog"}, {"messages": "chat"}]
+    dm.setup("fit")
+    assert dm.stats["train"].examples == 2

@@ -74,6 +74,8 @@ class BaseDataModule(pl.LightningDataModule):
         stratify_by: Hold out the same share of every group: a column name, or ``length``
             (ten length quantiles).
         format: Row format: ``auto`` (from the fields) or a name (see ``formats.py``).
+        columns: Our field name -> your column name, for every source that has no mapping
+            of its own, e.g. ``{messages: dialog}``.
         chat_template: ``None`` for the tokenizer's own, a built-in name (chatml, llama-3,
             mistral, alpaca, plain), or a Jinja file.
         mix: ``concat`` the sources, or ``interleave`` them with probability ~ weight.
@@ -103,6 +105,7 @@ class BaseDataModule(pl.LightningDataModule):
         val_split: float = 0.05,
         stratify_by: str | None = None,
         format: str = "auto",
+        columns: dict[str, str] | None = None,
         chat_template: str | None = None,
         mix: MixMode = "concat",
         stopping: Stopping = "first_exhausted",
@@ -122,8 +125,8 @@ class BaseDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.tokenizer_name_or_path = tokenizer
-        self.train_sources = self._sources(train_files, hub_config, hub_split)
-        self.val_sources = self._sources(val_files, hub_config, hub_split)
+        self.train_sources = self._sources(train_files, hub_config, hub_split, columns)
+        self.val_sources = self._sources(val_files, hub_config, hub_split, columns)
         self.val_split = val_split
         self.stratify_by = stratify_by
         self.format = format
@@ -151,8 +154,13 @@ class BaseDataModule(pl.LightningDataModule):
             )
 
     @staticmethod
-    def _sources(value: Any, hub_config: str | None, hub_split: str) -> list[Source]:
+    def _sources(
+        value: Any, hub_config: str | None, hub_split: str, columns: dict[str, str] | None
+    ) -> list[Source]:
         sources = as_sources(value)
+        for source in sources:
+            if columns and not source.columns:
+                source.columns = dict(columns)
         items = value if isinstance(value, list) else ([value] if value else [])
         for source, item in zip(sources, items, strict=True):
             if isinstance(item, str):  # plain ids take the module-wide hub settings
