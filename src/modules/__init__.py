@@ -1,6 +1,16 @@
 """LightningModules: the shared ``CausalLMModule`` and one small subclass per objective."""
 
+from src.modules.adapters import LoraSettings
 from src.modules.base import CausalLMModule, LossTerms
+from src.modules.dpo import DPOModule
+from src.modules.pretrain import PretrainModule
 from src.modules.sft import SFTModule
 
-__all__ = ["CausalLMModule", "LossTerms", "SFTModule"]
+__all__ = [
+    "CausalLMModule",
+    "DPOModule",
+    "LoraSettings",
+    "LossTerms",
+    "PretrainModule",
+    "SFTModule",
+]

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from src.callbacks.generation import generate
 from src.datamodules.base import load_tokenizer
+from src.modules.adapters import LoraSettings, add_adapters, quantization_kwargs
 from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -56,6 +57,7 @@ class CausalLMModule(pl.LightningModule):
         warmup: Warmup length: a fraction of all optimizer steps below 1, else a step count.
         min_lr_ratio: Final learning rate as a fraction of the peak.
         max_new_tokens: Length limit of ``predict`` completions.
+        lora: Train LoRA-family adapters instead of every weight (``configs/peft/lora.yaml``).
     """
 
     log_perplexity = False
@@ -76,6 +78,7 @@ class CausalLMModule(pl.LightningModule):
         warmup: float = 0.0,
         min_lr_ratio: float = 0.0,
         max_new_tokens: int = 256,
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -92,6 +95,7 @@ class CausalLMModule(pl.LightningModule):
         self.warmup = warmup
         self.min_lr_ratio = min_lr_ratio
         self.max_new_tokens = max_new_tokens
+        self.lora = lora
         self.model: PreTrainedModel | None = None
         self.tokenizer = load_tokenizer(
             self.tokenizer_name_or_path, trust_remote_code, chat_template
@@ -115,19 +119,30 @@ class CausalLMModule(pl.LightningModule):
         rank_zero_info(f"[model] {type(self.model).__name__}: {n_params / 1e6:.2f}M parameters")
 
     def build_model(self) -> PreTrainedModel:
+        """The trained model: the base, with adapters when ``lora`` is set."""
+        model = self.load_model(self.model_name_or_path, self.from_scratch, self.lora)
+        if self.lora is not None:
+            model = add_adapters(model, self.lora)
+        return model
+
+    def load_model(
+        self, name_or_path: str, from_scratch: bool = False, lora: LoraSettings | None = None
+    ) -> PreTrainedModel:
+        """A Hugging Face causal LM: from a checkpoint, or initialised from its config."""
         dtype = "auto" if self.torch_dtype == "auto" else getattr(torch, self.torch_dtype)
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": self.trust_remote_code}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
-        if self.from_scratch:
+        if from_scratch:
             config = AutoConfig.from_pretrained(
-                self.model_name_or_path, trust_remote_code=self.trust_remote_code
+                name_or_path, trust_remote_code=self.trust_remote_code
             )
             if dtype == "auto":
                 kwargs["dtype"] = torch.float32
             model = AutoModelForCausalLM.from_config(config, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, **kwargs)
+            kwargs |= quantization_kwargs(lora)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(self.tokenizer))
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -139,9 +154,7 @@ class CausalLMModule(pl.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits for a batch; ``use_cache=False`` so packed rows get a block-diagonal mask."""
-        keys = ("input_ids", "attention_mask", "position_ids")
-        inputs = {k: batch[k] for k in keys if k in batch}
-        return self.model(**inputs, use_cache=False).logits
+        return logits_of(self.model, batch)
 
     # ------------------------------------------------------------- objective
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
@@ -293,3 +306,9 @@ def _accumulate(store: dict[str, torch.Tensor], terms: LossTerms) -> None:
     for key, value in {"loss": terms.loss_sum, "count": terms.count, **terms.sums}.items():
         value = value.detach().float()
         store[key] = store[key] + value if key in store else value
+
+
+def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    keys = ("input_ids", "attention_mask", "position_ids")
+    inputs = {k: batch[k] for k in keys if k in batch}
+    return model(**inputs, use_cache=False).logits

@@ -24,3 +24,122 @@ def token_cross_entropy(
     loss_sum = F.cross_entropy(picked, targets, reduction="sum", label_smoothing=label_smoothing)
     correct = (picked.argmax(dim=-1) == targets).sum()
     return loss_sum, mask.sum(), correct
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of the label tokens' log-probabilities, and their count.
+
+    Same shift and mask as ``token_cross_entropy``, so policy and reference agree.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = torch.gather(logprobs, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1), mask.sum(-1)
+
+
+# ---------------------------------------------------------------- preference losses
+# Each takes per-pair log-probabilities (summed over the response tokens unless stated) and
+# returns (loss per pair, chosen reward, rejected reward). ``h`` below is the margin of the
+# policy over the reference: (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)).
+
+
+def _margin(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return chosen - ref_chosen, rejected - ref_rejected
+
+
+def sigmoid_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al., 2023, arXiv:2305.18290): ``-log sigmoid(beta * h)``.
+
+    With ``label_smoothing`` eps (conservative DPO, Mitchell 2023): preferences are assumed
+    flipped with probability eps, ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``.
+    """
+    c, r = _margin(chosen, rejected, ref_chosen, ref_rejected)
+    h = beta * (c - r)
+    loss = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return loss, beta * c.detach(), beta * r.detach()
+
+
+def robust_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Robust DPO (Chowdhury et al., 2024, arXiv:2403.00409), unbiased under label noise eps:
+    ``(-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)``."""
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust DPO needs label_smoothing in [0, 0.5), got {label_smoothing}")
+    c, r = _margin(chosen, rejected, ref_chosen, ref_rejected)
+    h = beta * (c - r)
+    loss = (-(1 - label_smoothing) * F.logsigmoid(h) + label_smoothing * F.logsigmoid(-h)) / (
+        1 - 2 * label_smoothing
+    )
+    return loss, beta * c.detach(), beta * r.detach()
+
+
+def hinge_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLiC hinge (Zhao et al., 2023, arXiv:2305.10425): ``max(0, 1 - beta * h)``."""
+    c, r = _margin(chosen, rejected, ref_chosen, ref_rejected)
+    return torch.relu(1 - beta * (c - r)), beta * c.detach(), beta * r.detach()
+
+
+def ipo_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO (Azar et al., 2023, arXiv:2310.12036): ``(h - 1 / (2 beta))^2``.
+
+    Pass per-token *mean* log-probabilities (the DPO module does), as TRL does.
+    """
+    c, r = _margin(chosen, rejected, ref_chosen, ref_rejected)
+    return (c - r - 1 / (2 * beta)) ** 2, beta * c.detach(), beta * r.detach()
+
+
+def simpo_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, beta: float = 2.0, gamma: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al., 2024, arXiv:2405.14734), reference-free on per-token *mean*
+    log-probabilities: ``-log sigmoid(beta * (mean log pi(y_w) - mean log pi(y_l)) - gamma)``."""
+    loss = -F.logsigmoid(beta * (chosen - rejected) - gamma)
+    return loss, beta * chosen.detach(), beta * rejected.detach()
+
+
+def orpo_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, beta: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO's odds-ratio term (Hong et al., 2024, arXiv:2403.07691) on per-token *mean*
+    log-probabilities: ``-beta * log sigmoid(log odds(y_w) - log odds(y_l))`` with
+    ``log odds(y) = log p - log(1 - p)``. The NLL on chosen is added by the caller."""
+    log_odds = (chosen - rejected) - (
+        torch.log1p(-torch.exp(chosen).clamp(max=1 - 1e-6))
+        - torch.log1p(-torch.exp(rejected).clamp(max=1 - 1e-6))
+    )
+    return -beta * F.logsigmoid(log_odds), beta * chosen.detach(), beta * rejected.detach()
+
+
+REFERENCE_FREE = {"simpo", "orpo"}
+LENGTH_NORMALISED = {"ipo", "simpo", "orpo"}

@@ -1,0 +1,138 @@
+"""Preference optimisation: DPO and its relatives, one ``loss_type`` key apart."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel
+
+from src.modules import losses
+from src.modules.base import CausalLMModule, LossTerms, logits_of
+
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
+
+
+class DPOModule(CausalLMModule):
+    """Pairwise preference losses on chosen/rejected responses (see ``losses.py``).
+
+    Chosen and rejected go through one concatenated forward. The reference is the policy
+    with its adapters disabled under LoRA (no copy), a frozen copy of the initial policy, or
+    ``ref_model_name_or_path``; it is kept out of checkpoints. The loss of a step is the mean
+    over its pairs.
+
+    Args:
+        loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``robust``, or the reference-free
+            ``simpo`` and ``orpo``.
+        beta: Strength of the preference term (the KL penalty for DPO).
+        label_smoothing: Assumed share of flipped labels (``sigmoid``, ``robust``).
+        gamma: SimPO's target margin.
+        sft_weight: Weight of an added NLL term on the chosen responses (ORPO always has 1).
+        ref_model_name_or_path: Reference model (default: a frozen copy of the initial policy).
+        **kwargs: See ``CausalLMModule``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        loss_type: LossType = "sigmoid",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        gamma: float = 0.5,
+        sft_weight: float = 0.0,
+        ref_model_name_or_path: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_type = loss_type
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.gamma = gamma
+        self.sft_weight = 1.0 if loss_type == "orpo" else sft_weight
+        self.ref_model_name_or_path = ref_model_name_or_path
+        self.__dict__["_reference"] = None  # not a submodule: never checkpointed or trained
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type not in losses.REFERENCE_FREE
+
+    @property
+    def loss_divisor(self) -> float:
+        return 1.0  # pair losses are O(1) already
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.needs_reference and self.lora is None and self._reference is None:
+            if self.ref_model_name_or_path:
+                reference = self.load_model(self.ref_model_name_or_path)
+            else:
+                reference = copy.deepcopy(self.model)
+            reference.eval().requires_grad_(False)
+            self.__dict__["_reference"] = reference
+
+    def reference(self) -> PreTrainedModel:
+        ref = self._reference
+        if next(ref.parameters()).device != self.device:
+            ref.to(self.device)
+        return ref
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed log-probabilities of chosen then rejected under the reference."""
+        if "ref_chosen_logps" in batch:
+            return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+        inputs = _concatenated(batch)
+        if self.lora is not None:
+            with self.model.disable_adapter():
+                logits = logits_of(self.model, inputs)
+        else:
+            logits = logits_of(self.reference(), inputs)
+        return losses.sequence_logps(logits, inputs["labels"])[0]
+
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
+        inputs = _concatenated(batch)
+        logps, counts = losses.sequence_logps(self(inputs), inputs["labels"])
+        counts = counts.clamp(min=1)
+        chosen, rejected = logps.chunk(2)
+        means = logps / counts
+        mean_chosen, mean_rejected = means.chunk(2)
+        if self.loss_type in ("simpo", "orpo"):
+            fn = losses.simpo_loss if self.loss_type == "simpo" else losses.orpo_loss
+            extra = {"gamma": self.gamma} if self.loss_type == "simpo" else {}
+            pair_loss, r_chosen, r_rejected = fn(mean_chosen, mean_rejected, self.beta, **extra)
+        else:
+            ref = self.reference_logps(batch)
+            policy = (mean_chosen, mean_rejected) if self.loss_type == "ipo" else (chosen, rejected)
+            if self.loss_type == "ipo":
+                ref = ref / counts
+            ref_chosen, ref_rejected = ref.chunk(2)
+            kwargs = (
+                {"label_smoothing": self.label_smoothing}
+                if self.loss_type in ("sigmoid", "robust")
+                else {}
+            )
+            fn = getattr(losses, f"{self.loss_type}_loss")
+            pair_loss, r_chosen, r_rejected = fn(
+                *policy, ref_chosen, ref_rejected, beta=self.beta, **kwargs
+            )
+        if self.sft_weight:
+            pair_loss = pair_loss - self.sft_weight * mean_chosen
+        n = torch.tensor(pair_loss.numel(), device=pair_loss.device)
+        sums = {
+            "rewards/chosen": r_chosen.sum(),
+            "rewards/rejected": r_rejected.sum(),
+            "rewards/accuracies": (r_chosen > r_rejected).float().sum(),
+            "rewards/margins": (r_chosen - r_rejected).sum(),
+            "logps/chosen": chosen.detach().sum(),
+            "logps/rejected": rejected.detach().sum(),
+        }
+        return LossTerms(pair_loss.sum(), n, sums)
+
+
+def _concatenated(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows as one batch (the collator pads both to one width)."""
+    return {
+        key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
+        for key in ("input_ids", "attention_mask", "labels")
+    }
