@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 from src.cli import cli_main
-from src.datamodules import SFTDataModule
-from src.modules import SFTModule
+from src.datamodules import PreferenceDataModule, PretrainDataModule, SFTDataModule
+from src.modules import DPOModule, LoraSettings, PretrainModule, SFTModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOP_LEVEL = sorted(CONFIGS.glob("*.yaml"))
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
+PEFT = sorted((CONFIGS / "peft").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,27 @@ def test_trainer_preset_composes_with_sft(sft_cli, preset):
     )
     for key, value in _yaml(preset).items():
         assert parsed.trainer[key] == value
+
+
+@pytest.mark.parametrize(
+    "name, module, data",
+    [
+        ("pretrain.yaml", PretrainModule, PretrainDataModule),
+        ("dpo.yaml", DPOModule, PreferenceDataModule),
+    ],
+)
+def test_each_objective_config_builds_its_classes(name, module, data):
+    cli = cli_main(["--config", str(CONFIGS / name)], run=False)
+    assert type(cli.model) is module and type(cli.datamodule) is data
+
+
+@pytest.mark.parametrize("top", TOP_LEVEL, ids=lambda p: p.name)
+@pytest.mark.parametrize("peft", PEFT, ids=lambda p: p.name)
+def test_peft_configs_compose_with_every_objective(top, peft):
+    cli = cli_main(["--config", str(top), "--config", str(peft)], run=False)
+    expected = _yaml(peft)["model"]["init_args"]["lora"]
+    assert isinstance(cli.model.lora, LoraSettings)
+    assert {k: getattr(cli.model.lora, k) for k in expected} == expected
 
 
 def test_one_key_swaps_the_optimizer(tmp_path):

@@ -239,3 +239,91 @@ def test_two_process_ddp_fit_prepares_data_once_and_finishes(tmp_path):
     samples = (run / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 8  # steps 0 and 2, eight prompts each, written by rank 0 only
     assert (run / "hf" / "config.json").exists()
+
+
+def objective_args(config: str, runs: Path, model_dir: Path, *extra: str) -> list[str]:
+    """A short fit of another shipped objective config on the micro model."""
+    return [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / config),
+        "--trainer.logger.init_args.save_dir",
+        str(runs),
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "4",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.init_args.model_name_or_path",
+        str(model_dir),
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_length",
+        "96",
+        *extra,
+    ]
+
+
+def test_dpo_fit_starts_at_ln2_with_zero_rewards(tmp_path, micro_model_dir):
+    cli_main(objective_args("dpo.yaml", tmp_path, micro_model_dir))
+    run_dir = tmp_path / "dpo" / "version_0"
+    (step0, loss0), *_ = scalars(run_dir, "val/loss")
+    assert step0 == 0 and loss0 == pytest.approx(math.log(2), abs=1e-6)
+    for tag in ("chosen", "rejected", "margins"):
+        assert scalars(run_dir, f"val/rewards/{tag}")[0][1] == pytest.approx(0.0, abs=1e-7)
+    for tag in ("train/rewards/accuracies", "train/logps/chosen", "val/logps/rejected"):
+        assert len(scalars(run_dir, tag)) >= 1, tag
+    assert len(scalars(run_dir, "train/loss")) == 4
+    assert not any(
+        "_reference" in k
+        for k in torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    )
+
+
+def test_pretrain_fit_logs_full_blocks(tmp_path, micro_model_dir):
+    cli_main(objective_args("pretrain.yaml", tmp_path, micro_model_dir))
+    run_dir = tmp_path / "pretrain" / "version_0"
+    assert len(scalars(run_dir, "train/loss")) == 4 and scalars(run_dir, "val/ppl")
+    assert scalars(run_dir, "train/padding_efficiency")[0][1] == pytest.approx(1.0)
+
+
+def test_lora_sft_exports_an_adapter_and_a_merged_model_that_agree(tmp_path, micro_model_dir):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoConfig
+
+    base = tmp_path / "base"  # a model with weights, as from the hub
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(micro_model_dir)).save_pretrained(
+        base
+    )
+    AutoTokenizer.from_pretrained(micro_model_dir).save_pretrained(base)
+    cli_main(
+        objective_args(
+            "sft.yaml",
+            tmp_path,
+            base,
+            "--config",
+            str(ROOT / "configs" / "peft" / "lora.yaml"),
+            "--model.init_args.from_scratch",
+            "false",
+            "--model.init_args.lora.merge",
+            "true",
+            "--model.init_args.optimizer.init_args.lr",
+            "0.01",
+        )
+    )
+    hf = tmp_path / "sft" / "version_0" / "hf"
+    assert (hf / "adapter_model.safetensors").exists() and (hf / "merged" / "config.json").exists()
+    adapter = AutoPeftModelForCausalLM.from_pretrained(hf).eval()
+    merged = AutoModelForCausalLM.from_pretrained(hf / "merged").eval()
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        a, m, b = adapter(ids).logits, merged(ids).logits, plain(ids).logits
+    assert torch.allclose(a, m, atol=1e-5)
+    assert not torch.allclose(m, b, atol=1e-4)  # the adapters were trained

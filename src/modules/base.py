@@ -108,7 +108,7 @@ class CausalLMModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self.build_model()
+        self.model = self.build_model().train()  # from_pretrained returns eval mode: no dropout
         # decided before any wrapping: FSDP flattens parameters to 1-D
         self._no_decay = {
             name
