@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -134,11 +136,14 @@ def orpo_loss(
     """ORPO's odds-ratio term (Hong et al., 2024, arXiv:2403.07691) on per-token *mean*
     log-probabilities: ``-beta * log sigmoid(log odds(y_w) - log odds(y_l))`` with
     ``log odds(y) = log p - log(1 - p)``. The NLL on chosen is added by the caller."""
-    log_odds = (chosen - rejected) - (
-        torch.log1p(-torch.exp(chosen).clamp(max=1 - 1e-6))
-        - torch.log1p(-torch.exp(rejected).clamp(max=1 - 1e-6))
-    )
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
     return -beta * F.logsigmoid(log_odds), beta * chosen.detach(), beta * rejected.detach()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and far below it (Maechler, 2012)."""
+    x = x.clamp(max=-1e-12)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 REFERENCE_FREE = {"simpo", "orpo"}
