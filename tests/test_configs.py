@@ -14,6 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOP_LEVEL = sorted(CONFIGS.glob("*.yaml"))
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 PEFT = sorted((CONFIGS / "peft").glob("*.yaml"))
+RECIPES = sorted((CONFIGS / "recipes").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,21 @@ def test_peft_configs_compose_with_every_objective(top, peft):
     expected = _yaml(peft)["model"]["init_args"]["lora"]
     assert isinstance(cli.model.lora, LoraSettings)
     assert {k: getattr(cli.model.lora, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipes_parse_on_their_objective_config(sft_cli, recipe):
+    """Recipes name hub models, so they are parsed (not instantiated) offline."""
+    spec = _yaml(recipe)
+    base = "dpo.yaml" if spec["model"]["class_path"].endswith("DPOModule") else "sft.yaml"
+    parsed = sft_cli.parser.parse_args(["--config", str(CONFIGS / base), "--config", str(recipe)])
+    assert parsed.model.class_path == spec["model"]["class_path"]
+    assert (
+        parsed.model.init_args.model_name_or_path
+        == spec["model"]["init_args"]["model_name_or_path"]
+    )
+    assert parsed.data.init_args.tokenizer == spec["data"]["init_args"]["tokenizer"]
+    assert parsed.model.init_args.lora.r == spec["model"]["init_args"]["lora"]["r"]
 
 
 def test_one_key_swaps_the_optimizer(tmp_path):
