@@ -58,6 +58,9 @@ class CausalLMModule(pl.LightningModule):
         min_lr_ratio: Final learning rate as a fraction of the peak.
         max_new_tokens: Length limit of ``predict`` completions.
         lora: Train LoRA-family adapters instead of every weight (``configs/peft/lora.yaml``).
+        compile: ``torch.compile`` the model (dynamic shapes; best with packed rows).
+        liger_kernels: Patch in Liger's fused kernels (RMSNorm, RoPE, SwiGLU) when the
+            ``liger-kernel`` package is installed; a clear error otherwise.
     """
 
     log_perplexity = False
@@ -79,6 +82,8 @@ class CausalLMModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         max_new_tokens: int = 256,
         lora: LoraSettings | None = None,
+        compile: bool = False,
+        liger_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -96,6 +101,8 @@ class CausalLMModule(pl.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.max_new_tokens = max_new_tokens
         self.lora = lora
+        self.compile = compile
+        self.liger_kernels = liger_kernels
         self.model: PreTrainedModel | None = None
         self.tokenizer = load_tokenizer(
             self.tokenizer_name_or_path, trust_remote_code, chat_template
@@ -121,8 +128,12 @@ class CausalLMModule(pl.LightningModule):
     def build_model(self) -> PreTrainedModel:
         """The trained model: the base, with adapters when ``lora`` is set."""
         model = self.load_model(self.model_name_or_path, self.from_scratch, self.lora)
+        if self.liger_kernels:
+            _apply_liger(model)
         if self.lora is not None:
             model = add_adapters(model, self.lora)
+        if self.compile:
+            model.compile(dynamic=True)  # in place: names and state dict keys unchanged
         return model
 
     def load_model(
@@ -312,3 +323,13 @@ def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     keys = ("input_ids", "attention_mask", "position_ids")
     inputs = {k: batch[k] for k in keys if k in batch}
     return model(**inputs, use_cache=False).logits
+
+
+def _apply_liger(model: PreTrainedModel) -> None:
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ValueError(
+            "liger_kernels: true needs the liger-kernel package (pip install liger-kernel)"
+        ) from None
+    _apply_liger_kernel_to_instance(model=model)
