@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import shutil
+import uuid
 from typing import Any, Literal
 
+import datasets
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 
 from src.modules import losses
@@ -30,6 +36,10 @@ class DPOModule(CausalLMModule):
         gamma: SimPO's target margin.
         sft_weight: Weight of an added NLL term on the chosen responses (ORPO always has 1).
         ref_model_name_or_path: Reference model (default: a frozen copy of the initial policy).
+        precompute_ref_logps: Compute the reference log-probabilities of every pair in one
+            pass before training, store them with the prepared data (in the data cache,
+            keyed by the reference's weights), and drop the reference: no reference model
+            in memory while training.
         **kwargs: See ``CausalLMModule``.
     """
 
@@ -42,6 +52,7 @@ class DPOModule(CausalLMModule):
         gamma: float = 0.5,
         sft_weight: float = 0.0,
         ref_model_name_or_path: str | None = None,
+        precompute_ref_logps: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -51,6 +62,7 @@ class DPOModule(CausalLMModule):
         self.gamma = gamma
         self.sft_weight = 1.0 if loss_type == "orpo" else sft_weight
         self.ref_model_name_or_path = ref_model_name_or_path
+        self.precompute_ref_logps = precompute_ref_logps
         self.__dict__["_reference"] = None  # not a submodule: never checkpointed or trained
 
     @property
@@ -70,6 +82,44 @@ class DPOModule(CausalLMModule):
                 reference = copy.deepcopy(self.model)
             reference.eval().requires_grad_(False)
             self.__dict__["_reference"] = reference
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.precompute_ref_logps and self.needs_reference:
+            self._precompute(self.trainer.datamodule)
+
+    def _precompute(self, datamodule: Any) -> None:
+        """Reference log-probs as dataset columns (before the loaders exist), then no reference."""
+        digest = _weights_digest(self.model if self.lora is not None else self._reference)
+        store = datamodule.cache_path / f"ref_logps-{digest}" if datamodule.cache_path else None
+        for split, data in list(datamodule.datasets.items()):
+            if len(data) == 0 or "ref_chosen_logps" in data.column_names:
+                continue
+            if store is not None and (store / split).exists():
+                datamodule.datasets[split] = datasets.load_from_disk(str(store / split))
+                continue
+            collate = datamodule.collator()
+            values: list[torch.Tensor] = []
+            for start in range(0, len(data), datamodule.val_batch_size):
+                rows = [
+                    data[i] for i in range(start, min(start + datamodule.val_batch_size, len(data)))
+                ]
+                batch = {k: v.to(self.device) for k, v in collate(rows).items()}
+                values.append(self.reference_logps(batch).cpu())
+            chosen, rejected = zip(*(v.chunk(2) for v in values), strict=True)
+            data = data.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
+            data = data.add_column("ref_rejected_logps", torch.cat(rejected).tolist())
+            if store is not None:  # written aside, then renamed: ranks may race
+                tmp = store / f"{split}.tmp-{uuid.uuid4().hex[:8]}"
+                data.save_to_disk(str(tmp))
+                try:
+                    os.rename(tmp, store / split)
+                except OSError:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                data = datasets.load_from_disk(str(store / split))
+            datamodule.datasets[split] = data
+        rank_zero_info("[dpo] reference log-probabilities precomputed; reference model released")
+        self.__dict__["_reference"] = None
 
     def reference(self) -> PreTrainedModel:
         ref = self._reference
@@ -128,6 +178,20 @@ class DPOModule(CausalLMModule):
             "logps/rejected": rejected.detach().sum(),
         }
         return LossTerms(pair_loss.sum(), n, sums)
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """A fingerprint of the reference weights (per tensor: size, sum, sum of squares)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if "lora_" in name:  # the reference is the base model without its adapters
+                continue
+            x = p.detach().double()
+            digest.update(
+                f"{name}:{x.numel()}:{x.sum().item():.12e}:{(x * x).sum().item():.12e}".encode()
+            )
+    return digest.hexdigest()[:20]
 
 
 def _concatenated(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,69 @@
+"""precompute_ref_logps: reference log-probs stored with the data, and no reference kept."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from src.datamodules import PreferenceDataModule
+from src.modules import DPOModule
+from tests.conftest import ASSETS, write_jsonl
+
+
+def pairs(n: int) -> list[dict]:
+    return [
+        {"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i + 2)}
+        for i in range(n)
+    ]
+
+
+def setup(tmp_path, micro_model_dir):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(10))
+    dm = PreferenceDataModule(
+        tokenizer=str(ASSETS),
+        train_files=str(data),
+        val_split=0.2,
+        max_length=64,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm.setup("fit")
+    torch.manual_seed(0)
+    module = DPOModule(
+        model_name_or_path=str(micro_model_dir),
+        from_scratch=True,
+        tokenizer=str(ASSETS),
+        precompute_ref_logps=True,
+    )
+    module.configure_model()
+    return dm, module
+
+
+def test_precomputed_logps_equal_the_reference_and_release_it(tmp_path, micro_model_dir):
+    dm, module = setup(tmp_path, micro_model_dir)
+    rows = [dm.datasets["train"][i] for i in range(4)]
+    live = module.reference_logps(dm.collator()(rows))
+    module._precompute(dm)
+    assert module._reference is None
+    for split in ("train", "val"):
+        assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(dm.datasets[split].column_names)
+    batch = dm.collator()([dm.datasets["train"][i] for i in range(4)])
+    assert torch.allclose(module.reference_logps(batch), live, atol=1e-5)
+    terms = module.loss_terms(batch)
+    assert (terms.loss_sum / terms.count).item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_a_second_run_loads_them_from_the_data_cache(tmp_path, micro_model_dir, monkeypatch):
+    dm, module = setup(tmp_path, micro_model_dir)
+    module._precompute(dm)
+    first = dm.datasets["train"]["ref_chosen_logps"]
+    dm2, module2 = setup(tmp_path, micro_model_dir)  # same seed: the same reference weights
+
+    def fail(*args, **kwargs):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(DPOModule, "reference_logps", fail)
+    module2._precompute(dm2)
+    assert dm2.datasets["train"]["ref_chosen_logps"] == first
