@@ -25,10 +25,15 @@ class Recorder(pl.Callback):
         self.batches.append({k: v.clone() for k, v in batch.items()})
 
 
-def one_step(data_file, model_dir, micro_batch: int, accumulate: int):
+def one_step(train_files, model_dir, micro_batch: int, accumulate: int, **data_kwargs):
     pl.seed_everything(0)
     data = SFTDataModule(
-        tokenizer=str(ASSETS), train_files=str(data_file), val_split=0.0, batch_size=micro_batch
+        tokenizer=str(ASSETS),
+        train_files=train_files if isinstance(train_files, list) else str(train_files),
+        val_split=0.0,
+        batch_size=micro_batch,
+        cache_dir=None,
+        **data_kwargs,
     )
     module = SFTModule(
         model_name_or_path=str(model_dir),
@@ -87,6 +92,64 @@ def test_accumulated_micro_batches_equal_one_batch(variable_length_data, micro_m
     assert len(set(counts)) > 1 and abs(token_mean - mean_of_means) > 1e-3
     assert accum_loss == pytest.approx(token_mean, rel=1e-5)
     assert full_loss == pytest.approx(token_mean, rel=1e-5)
+
+
+def hand_step_loss(model_dir, recorder, weighted: bool) -> float:
+    """The step's (weighted) token mean of the recorded micro-batches, by a plain model."""
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model.load_state_dict(recorder.initial)
+    total, norm = 0.0, 0.0
+    with torch.no_grad():
+        for batch in recorder.batches:
+            logits = model(input_ids=batch["input_ids"]).logits
+            per_token = torch.nn.functional.cross_entropy(
+                logits[0, :-1], batch["labels"][0, 1:], reduction="none", ignore_index=-100
+            )
+            mask = batch["labels"][0, 1:] != -100
+            w = batch["loss_weights"][0, 1:] if weighted else torch.ones_like(per_token)
+            total += (per_token * w * mask).sum().item()
+            norm += (w * mask).sum().item()
+    return total / norm
+
+
+def test_loss_weights_accumulate_exactly(variable_length_data, micro_model_dir, tmp_path):
+    """Two sources weighted 0.25 and 3: 8 micro-batches of 1 give the update of one batch of
+    8, and train/loss is the weighted token mean sum(w * ce) / sum(w)."""
+    other = write_jsonl(
+        tmp_path / "other.jsonl",
+        [
+            conversation("Count the words: a b c d e f g h", "8"),
+            conversation("First word of: green hills", "green"),
+            conversation("What is 12 + 30?", "42", "And 1 + 1?", "2"),
+            conversation("Say hello.", "Hello there, how can I help you today?"),
+        ],
+    )
+    sources = [
+        {"path": str(variable_length_data), "loss_weight": 0.25, "max_rows": 4},
+        {"path": str(other), "loss_weight": 3.0},
+    ]
+    full, full_loss, _ = one_step(sources, micro_model_dir, 8, 1)
+    accum, accum_loss, rec = one_step(sources, micro_model_dir, 1, 8)
+    for name, value in full.items():
+        torch.testing.assert_close(accum[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert {b["loss_weights"][0, 1].item() for b in rec.batches} == {0.25, 3.0}
+    weighted = hand_step_loss(micro_model_dir, rec, weighted=True)
+    plain = hand_step_loss(micro_model_dir, rec, weighted=False)
+    assert abs(weighted - plain) > 1e-3  # the weights change the objective
+    assert accum_loss == pytest.approx(weighted, rel=1e-5)
+    assert full_loss == pytest.approx(weighted, rel=1e-5)
+
+
+def test_uniform_loss_weights_change_nothing(variable_length_data, micro_model_dir):
+    """Weights are relative: every example at 2 trains exactly like no weights at all."""
+    plain, plain_loss, _ = one_step(variable_length_data, micro_model_dir, 4, 1)
+    doubled, doubled_loss, rec = one_step(
+        [{"path": str(variable_length_data), "loss_weight": 2.0}], micro_model_dir, 4, 1
+    )
+    assert (rec.batches[0]["loss_weights"] == 2.0).all()
+    assert doubled_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, value in plain.items():
+        torch.testing.assert_close(doubled[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_weight_decay_skips_biases_and_norm_weights(micro_model_dir, monkeypatch):

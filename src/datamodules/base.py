@@ -31,7 +31,15 @@ from src.datamodules import cache
 from src.datamodules.collate import Collator
 from src.datamodules.filters import Filters, example_hash, scrub
 from src.datamodules.records import DataError, Record
-from src.datamodules.sources import MixMode, Source, Stopping, as_sources, fingerprint, mix
+from src.datamodules.sources import (
+    MixMode,
+    Source,
+    Stopping,
+    as_sources,
+    fingerprint,
+    loss_weight_of,
+    mix,
+)
 from src.datamodules.splits import length_buckets, split_indices
 from src.datamodules.stats import SplitStats
 from src.datamodules.streaming import StreamingDataset
@@ -308,7 +316,11 @@ class BaseDataModule(pl.LightningDataModule):
                     stats.drop("exact duplicates")
                     continue
                 seen.add(key)
-            yield example, record.where, self._stratum(record, example)
+            stratum = self._stratum(record, example)
+            weight = loss_weight_of(record, sources[record.source])
+            if weight != 1.0:
+                example["loss_weight"] = weight
+            yield example, record.where, stratum
 
     def _stratum(self, record: Record, example: Example) -> Any:
         if self.stratify_by is None:
@@ -360,6 +372,8 @@ class BaseDataModule(pl.LightningDataModule):
             for name, values in chunk_columns.items():
                 columns.setdefault(name, []).extend(values)
             stats.merge(chunk_stats)
+        if all(w == 1.0 for w in columns.get("loss_weight", ())):
+            columns.pop("loss_weight", None)  # unweighted: no column, no per-token weights
         return columns, stats
 
     # ------------------------------------------------------------- streaming

@@ -55,12 +55,15 @@ def cache_key(settings: dict[str, Any]) -> str:
 
 
 def columns_to_dataset(columns: dict[str, list]) -> datasets.Dataset:
-    """A dataset from Python columns, lists of ints stored as Arrow list<int32> directly."""
+    """A dataset from Python columns; lists of ints become Arrow list<int32> directly, lists
+    of floats (per-document loss weights) list<float32>."""
     arrays = {}
     for name, values in columns.items():
         if not values or isinstance(values[0], list):  # token columns (empty: typed alike)
             offsets = pa.array([0, *accumulate(len(v) for v in values)], type=pa.int64())
-            flat = pa.array(list(chain.from_iterable(values)), type=pa.int32())
+            items = list(chain.from_iterable(values))
+            kind = pa.float32() if items and isinstance(items[0], float) else pa.int32()
+            flat = pa.array(items, type=kind)
             arrays[name] = pa.LargeListArray.from_arrays(offsets, flat)
         else:
             arrays[name] = pa.array(values)

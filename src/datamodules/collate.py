@@ -1,7 +1,8 @@
 """Batch collation: padded rows, packed rows (position ids per document), preference pairs.
 
 Every batch also carries ``real_tokens``, the number of non-pad tokens, from which the
-module logs ``train/padding_efficiency``.
+module logs ``train/padding_efficiency``; batches holding examples with a loss weight other
+than 1 carry ``loss_weights`` per label position (``loss_weight`` per preference pair).
 """
 
 from __future__ import annotations
@@ -71,14 +72,34 @@ class Collator:
             batch["attention_mask"] = (
                 torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]
             ).long()
+        weights = _token_weights(rows, shape)
+        if weights is not None:
+            batch["loss_weights"] = weights
         batch["real_tokens"] = torch.tensor(sum(lengths))
         return batch
 
 
+def _token_weights(rows: Sequence[Row], shape: tuple[int, int]) -> torch.Tensor | None:
+    """Each label position's loss weight (its document's), or None when every weight is 1."""
+    if not any(r.get("loss_weight", 1.0) != 1.0 or "seq_weights" in r for r in rows):
+        return None
+    weights = torch.ones(shape)
+    for i, row in enumerate(rows):
+        if "seq_weights" in row:
+            start = 0
+            for n, w in zip(row["seq_lengths"], row["seq_weights"], strict=True):
+                weights[i, start : start + n] = w
+                start += n
+        else:
+            weights[i] = row.get("loss_weight", 1.0)
+    return None if bool((weights == 1).all()) else weights
+
+
 def _concatenate(rows: Sequence[Row]) -> Row:
     out: Row = {"input_ids": [], "seq_lengths": []}
-    if "labels" in rows[0]:
-        out["labels"] = []
+    for key in ("labels", "seq_weights"):
+        if key in rows[0]:
+            out[key] = []
     for row in rows:
         for key in out:
             out[key].extend(row[key])
@@ -115,5 +136,8 @@ class PreferenceCollator:
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in rows[0]:
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+        weights = [r.get("loss_weight", 1.0) for r in rows]
+        if any(w != 1.0 for w in weights):
+            batch["loss_weight"] = torch.tensor(weights, dtype=torch.float32)
         batch["real_tokens"] = torch.tensor(real)
         return batch

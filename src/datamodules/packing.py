@@ -42,14 +42,24 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack_rows(
-    input_ids: list[list[int]], labels: list[list[int]], capacity: int
-) -> dict[str, list[list[int]]]:
-    """Packed rows (``input_ids``, ``labels``, ``seq_lengths``) of best-fit-decreasing bins."""
-    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "seq_lengths": []}
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    capacity: int,
+    loss_weights: list[float] | None = None,
+) -> dict[str, list[list]]:
+    """Packed rows (``input_ids``, ``labels``, ``seq_lengths``) of best-fit-decreasing bins.
+
+    With ``loss_weights`` (one per example), rows also get ``seq_weights``, one per document.
+    """
+    rows: dict[str, list[list]] = {"input_ids": [], "labels": [], "seq_lengths": []}
+    if loss_weights is not None:
+        rows["seq_weights"] = []
     for members in best_fit_decreasing([len(x) for x in input_ids], capacity):
         rows["input_ids"].append([t for i in members for t in input_ids[i]])
         rows["labels"].append([t for i in members for t in labels[i]])
         rows["seq_lengths"].append([len(input_ids[i]) for i in members])
+        if loss_weights is not None:
+            rows["seq_weights"].append([float(loss_weights[i]) for i in members])
     return rows
 
 

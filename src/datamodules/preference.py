@@ -70,7 +70,13 @@ class PreferenceDataModule(BaseDataModule):
         stats = SplitStats()
         columns: Columns = {
             k: []
-            for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+            for k in (
+                "chosen_input_ids",
+                "chosen_labels",
+                "rejected_input_ids",
+                "rejected_labels",
+                "loss_weight",
+            )
         }
         for i in range(n):
             prompt_ids = list(ids[i])
@@ -88,6 +94,9 @@ class PreferenceDataModule(BaseDataModule):
                 stats.drop("with chosen and rejected identical after truncation")
                 continue
             stats.examples += 1
+            weight = examples[i].get("loss_weight", 1.0)
+            stats.loss_weighted += weight != 1.0
+            columns["loss_weight"].append(weight)
             for side, response in responses.items():
                 columns[f"{side}_input_ids"].append(prompt_ids + response)
                 columns[f"{side}_labels"].append([IGNORE_INDEX] * len(prompt_ids) + response)

@@ -10,7 +10,7 @@ from src.datamodules.chat import ChatEncoder
 from src.datamodules.collate import Collator
 from src.datamodules.formats import to_text
 from src.datamodules.packing import cut_blocks
-from src.datamodules.records import Record
+from src.datamodules.records import DataError, Record
 from src.datamodules.stats import SplitStats
 
 
@@ -54,6 +54,13 @@ class PretrainDataModule(BaseDataModule):
     def encode_chunk(
         self, examples: list[Example], wheres: list[str]
     ) -> tuple[Columns, SplitStats]:
+        for example, where in zip(examples, wheres, strict=True):
+            if "loss_weight" in example:
+                raise DataError(
+                    f"{where}: loss weights apply to SFT and preference data; to change a "
+                    "source's share of pretraining, give it a sampling weight with mix: "
+                    "interleave"
+                )
         stats = SplitStats()
         documents = []
         for ids in self.encoder.encode_documents([e["text"] for e in examples]):

@@ -66,8 +66,9 @@ class SFTDataModule(BaseDataModule):
         self, examples: list[Example], wheres: list[str]
     ) -> tuple[Columns, SplitStats]:
         stats = SplitStats()
-        columns: Columns = {"input_ids": [], "labels": []}
-        for tok in self.encoder.encode(examples, wheres):
+        columns: Columns = {"input_ids": [], "labels": [], "loss_weight": []}
+        encoded = self.encoder.encode(examples, wheres)
+        for example, tok in zip(examples, encoded, strict=True):
             reason = self.filters.token_verdict(len(tok.input_ids))
             if reason:
                 stats.drop(reason)
@@ -94,8 +95,10 @@ class SFTDataModule(BaseDataModule):
                 stats.trained_tokens += trained
                 columns["input_ids"].append(ids)
                 columns["labels"].append(labels)
+                columns["loss_weight"].append(example.get("loss_weight", 1.0))
             if kept:
                 stats.examples += 1
+                stats.loss_weighted += example.get("loss_weight", 1.0) != 1.0
             else:
                 stats.drop(NO_TRAINED_TOKEN)
         return columns, stats
@@ -103,7 +106,9 @@ class SFTDataModule(BaseDataModule):
     def finalize(self, columns: Columns, stats: SplitStats) -> Columns:
         if not self.packing:
             return columns
-        packed = pack_rows(columns["input_ids"], columns["labels"], self.max_length)
+        packed = pack_rows(
+            columns["input_ids"], columns["labels"], self.max_length, columns.get("loss_weight")
+        )
         stats.packed_rows, stats.row_length = len(packed["input_ids"]), self.max_length
         return packed
 

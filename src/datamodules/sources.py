@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -26,6 +27,10 @@ class Source:
         path: A local file (.json, .jsonl, .parquet, .csv, .txt), a directory, a glob, or a
             hub dataset id.
         weight: Share of the mix when interleaving (normalised over the sources).
+        loss_weight: Weight of this source's examples in the loss, relative to the others
+            (SFT and preference data): its tokens (pairs) count ``loss_weight`` times in the
+            weighted mean of a training step. A row's own ``loss_weight`` field, if any,
+            multiplies it.
         format: This source's format (default: the data module's ``format``).
         columns: Our field name -> this dataset's column name, e.g. ``{messages: dialog}``.
         hub_config: Configuration name of a hub dataset.
@@ -36,6 +41,7 @@ class Source:
 
     path: str
     weight: float = 1.0
+    loss_weight: float = 1.0
     format: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
     hub_config: str | None = None
@@ -46,6 +52,11 @@ class Source:
     def __post_init__(self) -> None:
         if self.weight <= 0:
             raise DataError(f"source {self.path}: weight must be positive, got {self.weight}")
+        if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
+            raise DataError(
+                f"source {self.path}: loss_weight must be a finite number >= 0, "
+                f"got {self.loss_weight}"
+            )
 
     def records(self, index: int, streaming: bool = False) -> Iterator[Record]:
         """This source's rows, renamed to our field names and tagged with ``index``."""
@@ -64,6 +75,16 @@ class Source:
             if rename:
                 row = {rename.get(k, k): v for k, v in row.items()}
             yield Record(row, record.where, index)
+
+
+def loss_weight_of(record: Record, source: Source) -> float:
+    """A row's loss weight: its source's ``loss_weight`` times the row's own, if it has one."""
+    own = record.row.get("loss_weight")
+    if own is None:
+        return source.loss_weight
+    if isinstance(own, bool) or not isinstance(own, int | float) or not own >= 0 or own == math.inf:
+        raise DataError(f"{record.where}: loss_weight must be a finite number >= 0, got {own!r}")
+    return source.loss_weight * float(own)
 
 
 def as_sources(value: str | Source | list[str | Source] | None) -> list[Source]:

@@ -12,6 +12,7 @@ class SplitStats:
     tokens: int = 0
     trained_tokens: int = 0
     truncated: int = 0
+    loss_weighted: int = 0  # examples whose loss weight is not 1
     dropped: dict[str, int] = field(default_factory=dict)
     filtered: dict[str, int] = field(default_factory=dict)
     packed_rows: int = 0
@@ -24,7 +25,14 @@ class SplitStats:
         self.filtered[what] = self.filtered.get(what, 0) + n
 
     def merge(self, other: SplitStats) -> None:
-        for name in ("rows", "examples", "tokens", "trained_tokens", "truncated"):
+        for name in (
+            "rows",
+            "examples",
+            "tokens",
+            "trained_tokens",
+            "truncated",
+            "loss_weighted",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, n in other.dropped.items():
             self.drop(reason, n)
@@ -46,6 +54,8 @@ class SplitStats:
         )
         if self.filtered:
             text += "; filters: " + ", ".join(f"{n} {w}" for w, n in self.filtered.items())
+        if self.loss_weighted:
+            text += f"; {self.loss_weighted} examples with a loss weight other than 1"
         if self.packed_rows:
             text += (
                 f"; packed into {self.packed_rows} rows of {self.row_length} "

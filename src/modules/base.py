@@ -172,6 +172,13 @@ class CausalLMModule(pl.LightningModule):
         """The objective: summed loss of a micro-batch, its unit count, and metric sums."""
         raise NotImplementedError
 
+    def loss_weights(
+        self, batch: dict[str, torch.Tensor], key: str = "loss_weights"
+    ) -> torch.Tensor | None:
+        """The batch's loss weights in training; None in evaluation, whose metrics are plain
+        means, so that runs with different weights compare on the same validation loss."""
+        return batch.get(key) if self.training else None
+
     @property
     def loss_divisor(self) -> float:
         """A constant that keeps backpropagated sums near mean size (fp16 has little range)."""

@@ -168,16 +168,19 @@ class DPOModule(CausalLMModule):
             )
         if self.sft_weight:
             pair_loss = pair_loss - self.sft_weight * mean_chosen
-        n = torch.tensor(pair_loss.numel(), device=pair_loss.device)
-        sums = {
-            "rewards/chosen": r_chosen.sum(),
-            "rewards/rejected": r_rejected.sum(),
-            "rewards/accuracies": (r_chosen > r_rejected).float().sum(),
-            "rewards/margins": (r_chosen - r_rejected).sum(),
-            "logps/chosen": chosen.detach().sum(),
-            "logps/rejected": rejected.detach().sum(),
+        w = self.loss_weights(batch, "loss_weight")
+        if w is None:
+            w = torch.ones_like(pair_loss)
+        per_pair = {
+            "rewards/chosen": r_chosen,
+            "rewards/rejected": r_rejected,
+            "rewards/accuracies": (r_chosen > r_rejected).float(),
+            "rewards/margins": r_chosen - r_rejected,
+            "logps/chosen": chosen.detach(),
+            "logps/rejected": rejected.detach(),
         }
-        return LossTerms(pair_loss.sum(), n, sums)
+        sums = {k: (v * w).sum() for k, v in per_pair.items()}
+        return LossTerms((pair_loss * w).sum(), w.sum(), sums)
 
 
 def _weights_digest(model: torch.nn.Module) -> str:

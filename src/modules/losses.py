@@ -11,21 +11,33 @@ IGNORE_INDEX = -100
 
 
 def token_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over the label tokens (labels != -100).
 
     ``logits[:, t]`` predicts ``labels[:, t + 1]``, the Hugging Face convention. Returns the
     summed loss, the number of label tokens and the number predicted right (argmax), so the
     caller can take the mean over every token of an optimizer step rather than a mean of means.
+    With ``weights`` (shaped like ``labels``), each token counts its weight in all three:
+    ``sum(w * ce)``, ``sum(w)`` and ``sum(w * right)``, whose ratio is the weighted mean.
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     picked = logits[:, :-1][mask].float()
     targets = targets[mask]
-    loss_sum = F.cross_entropy(picked, targets, reduction="sum", label_smoothing=label_smoothing)
-    correct = (picked.argmax(dim=-1) == targets).sum()
-    return loss_sum, mask.sum(), correct
+    if weights is None:
+        loss_sum = F.cross_entropy(
+            picked, targets, reduction="sum", label_smoothing=label_smoothing
+        )
+        correct = (picked.argmax(dim=-1) == targets).sum()
+        return loss_sum, mask.sum(), correct
+    w = weights[:, 1:][mask].float()
+    losses = F.cross_entropy(picked, targets, reduction="none", label_smoothing=label_smoothing)
+    right = (picked.argmax(dim=-1) == targets).float()
+    return (losses * w).sum(), w.sum(), (right * w).sum()
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@ from src.modules.losses import token_cross_entropy
 
 
 class SFTModule(CausalLMModule):
-    """Masked cross-entropy, averaged over every label token of an optimizer step.
+    """Masked cross-entropy, averaged over every label token of an optimizer step (weighted
+    by the examples' loss weights in training, when the data give any).
 
     Args:
         label_smoothing: Label smoothing of the cross-entropy (0 = none).
@@ -26,6 +27,6 @@ class SFTModule(CausalLMModule):
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         loss_sum, count, correct = token_cross_entropy(
-            self(batch), batch["labels"], self.label_smoothing
+            self(batch), batch["labels"], self.label_smoothing, self.loss_weights(batch)
         )
         return LossTerms(loss_sum, count, {"token_accuracy": correct})
