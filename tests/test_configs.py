@@ -80,13 +80,14 @@ def test_recipes_parse_on_their_objective_config(sft_cli, recipe):
     assert parsed.model.init_args.lora.r == spec["model"]["init_args"]["lora"]["r"]
 
 
-def test_one_key_swaps_the_optimizer(tmp_path):
+@pytest.mark.parametrize("name", ["SGD", "Adafactor"])
+def test_one_key_swaps_the_optimizer(name):
     cli = cli_main(
         [
             "--config",
             str(CONFIGS / "sft.yaml"),
             "--model.init_args.optimizer",
-            "torch.optim.SGD",
+            f"torch.optim.{name}",
             "--model.init_args.optimizer.init_args.lr",
             "0.5",
         ],
@@ -95,7 +96,7 @@ def test_one_key_swaps_the_optimizer(tmp_path):
     import torch
 
     optimizer = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))])
-    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.5
+    assert type(optimizer) is getattr(torch.optim, name) and optimizer.defaults["lr"] == 0.5
 
 
 def _yaml(path: Path) -> dict:

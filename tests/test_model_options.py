@@ -82,3 +82,35 @@ def test_training_continues_from_an_existing_adapter(micro_model_dir, tmp_path):
     loaded = {n: p for n, p in again.model.named_parameters() if "lora_B" in n}
     assert loaded and all(torch.allclose(p, torch.full_like(p, 0.01)) for p in loaded.values())
     assert all(p.requires_grad for p in loaded.values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(micro_model_dir):
+    ids = torch.randint(0, 200, (2, 24))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        m = module(micro_model_dir, gradient_checkpointing=checkpointing)
+        m.configure_model()
+        assert m.model.is_gradient_checkpointing == checkpointing
+        m.loss_terms(batch).loss_sum.backward()
+        grads.append({n: p.grad.clone() for n, p in m.model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_flex_attention_on_a_cpu_is_a_clear_error(micro_model_dir, tmp_path):
+    import lightning.pytorch as pl
+
+    from src.datamodules import SFTDataModule
+    from tests.conftest import conversation, write_jsonl
+
+    data = SFTDataModule(
+        tokenizer=str(ASSETS),
+        train_files=str(write_jsonl(tmp_path / "t.jsonl", [conversation("Hi", "Hello")] * 4)),
+        val_split=0,
+        cache_dir=None,
+    )
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="flex_attention needs a CUDA GPU"):
+        trainer.fit(module(micro_model_dir, attn_implementation="flex_attention"), data)

@@ -190,6 +190,11 @@ class CausalLMModule(pl.LightningModule):
                 f"{type(self.trainer.strategy).__name__} accumulates gradients itself, which "
                 "the exact per-step loss mean does not support; use ddp or fsdp"
             )
+        if self.attn_implementation == "flex_attention" and self.device.type == "cpu":
+            raise ValueError(
+                "attn_implementation flex_attention needs a CUDA GPU (its CPU kernels do not "
+                "compile); on a CPU use sdpa, which gives packed rows the same masks"
+            )
         self._step_sums = {}  # nothing left over from an interrupted fit
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
