@@ -2,6 +2,7 @@
 
 import sys
 
+from src.callbacks import DivergenceError
 from src.cli import cli_main
 from src.datamodules import DataError
 
@@ -10,3 +11,5 @@ if __name__ == "__main__":
         cli_main()
     except DataError as err:  # the user's data: a message, not a traceback
         sys.exit(f"data error: {err}")
+    except DivergenceError as err:  # a NaN/Inf loss or gradient: the step, not a traceback
+        sys.exit(f"training diverged: {err}")

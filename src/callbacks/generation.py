@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from src.callbacks.run_dir import run_dir
 from src.datamodules.chat import missing_bos
+from src.strategies import call_outside_step, parameters_are_sharded
 
 Message = dict[str, Any]
 Prompt = str | list[Message]
@@ -26,8 +27,13 @@ def generate(
     max_new_tokens: int = 64,
     do_sample: bool = False,
     temperature: float = 1.0,
+    synced_gpus: bool = False,
 ) -> list[str]:
-    """Completions of chat prompts (rendered with the generation prompt), batched, left-padded."""
+    """Completions of chat prompts (rendered with the generation prompt), batched, left-padded.
+
+    ``synced_gpus`` keeps every rank stepping until all are done, for sharded models whose
+    forward passes are collectives.
+    """
     texts = [
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         for p in prompts
@@ -54,6 +60,7 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
+            synced_gpus=synced_gpus,
         )
     finally:
         model.train(was_training)
@@ -102,7 +109,9 @@ class SampleGeneration(pl.Callback):
         return datamodule.sample_prompts(self.num_samples)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        # sharded weights: every rank takes part in decoding, rank 0 writes
+        everyone = parameters_are_sharded(trainer.strategy)
+        if trainer.sanity_checking or not (everyone or trainer.is_global_zero):
             return
         samples = self._samples(trainer)
         if not samples:
@@ -111,14 +120,16 @@ class SampleGeneration(pl.Callback):
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
-            outputs = generate(
-                pl_module.model,
-                pl_module.tokenizer,
+            outputs = call_outside_step(
+                pl_module,
+                "complete",
                 [p for p, _ in samples],
                 self.max_new_tokens,
                 self.do_sample,
                 self.temperature,
             )
+        if not trainer.is_global_zero:
+            return
         rows = [
             {"step": trainer.global_step, "prompt": p[-1]["content"], "reference": r, "output": o}
             for (p, r), o in zip(samples, outputs, strict=True)

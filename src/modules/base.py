@@ -23,6 +23,7 @@ from src.callbacks.generation import generate
 from src.datamodules.base import load_tokenizer
 from src.modules.adapters import LoraSettings, add_adapters, quantization_kwargs
 from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
+from src.strategies import model_key, parameters_are_sharded
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -108,6 +109,7 @@ class CausalLMModule(pl.LightningModule):
             self.tokenizer_name_or_path, trust_remote_code, chat_template
         )
         self._step_sums: dict[str, torch.Tensor] = {}
+        self._scale_loss = False
         self._no_decay: set[str] = set()
         self._eval_sums: dict[str, torch.Tensor] = {}
 
@@ -185,10 +187,15 @@ class CausalLMModule(pl.LightningModule):
         return float(self.max_length or 1024)
 
     def on_fit_start(self) -> None:
-        if getattr(self.trainer.strategy, "handles_gradient_accumulation", False):
+        # DeepSpeed keeps gradients in its own partitions, out of reach of the rescaling in
+        # on_before_optimizer_step: there each micro-batch is a whole step, and its loss is
+        # divided by the unit count over all devices before backward instead.
+        self._scale_loss = getattr(self.trainer.strategy, "handles_gradient_accumulation", False)
+        if self._scale_loss and self.trainer.accumulate_grad_batches > 1:
             raise ValueError(
-                f"{type(self.trainer.strategy).__name__} accumulates gradients itself, which "
-                "the exact per-step loss mean does not support; use ddp or fsdp"
+                f"under {type(self.trainer.strategy).__name__} the exact per-step loss mean "
+                "needs accumulate_grad_batches 1: raise data.batch_size (or the device count) "
+                "instead, or use ddp or fsdp"
             )
         if self.attn_implementation == "flex_attention" and self.device.type == "cpu":
             raise ValueError(
@@ -206,6 +213,10 @@ class CausalLMModule(pl.LightningModule):
                 slots.numel() * (2 if "chosen_input_ids" in batch else 1), device=slots.device
             )
         _accumulate(self._step_sums, terms)
+        if self._scale_loss:  # engines average gradients over devices: undo, then divide
+            total = self.trainer.strategy.reduce(terms.count.detach().float(), reduce_op="sum")
+            total = torch.where(total > 0, total, torch.ones_like(total))
+            return terms.loss_sum * self.trainer.world_size / total
         return terms.loss_sum / self.loss_divisor
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -224,7 +235,7 @@ class CausalLMModule(pl.LightningModule):
         real, slots = totals.pop("real_tokens", None), totals.pop("token_slots", None)
         if real is not None and slots:
             self.log("train/padding_efficiency", (real / slots).item(), on_step=True, batch_size=1)
-        if count > 0:
+        if count > 0 and not self._scale_loss:
             scale = (
                 self.trainer.accumulate_grad_batches
                 * self.trainer.world_size
@@ -247,9 +258,30 @@ class CausalLMModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
+    def complete(
+        self,
+        prompts: list[list[dict]],
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+    ) -> list[str]:
+        """Completions of chat prompts. Under FSDP and ZeRO-3 every rank must call it: the
+        ranks decode in lockstep until all are done (``synced_gpus``)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        synced = strategy is not None and parameters_are_sharded(strategy)
+        return generate(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            synced_gpus=synced and self.trainer.world_size > 1,
+        )
+
     def predict_step(self, batch: list[tuple[list[dict], str]], batch_idx: int) -> list[dict]:
         """Greedy completions of chat prompts: rows of prompt, reference and output."""
-        outputs = generate(self.model, self.tokenizer, [p for p, _ in batch], self.max_new_tokens)
+        outputs = self.complete([p for p, _ in batch], self.max_new_tokens)
         return [
             {"prompt": p, "reference": r, "output": o}
             for (p, r), o in zip(batch, outputs, strict=True)
@@ -295,7 +327,7 @@ class CausalLMModule(pl.LightningModule):
         decay, no_decay = [], []
         for name, param in self.trainer.model.named_parameters():
             if param.requires_grad:
-                (no_decay if _model_name(name) in self._no_decay else decay).append(param)
+                (no_decay if model_key(name) in self._no_decay else decay).append(param)
         optimizer = self.optimizer_factory(
             [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         )
@@ -315,14 +347,6 @@ class CausalLMModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},
         }
-
-
-def _model_name(name: str) -> str:
-    """A parameter's name inside the Hugging Face model, without strategy wrappers."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(wrapper, "")
-    name = name.removeprefix("module.")
-    return name.removeprefix("model.")  # the LightningModule's attribute
 
 
 def _accumulate(store: dict[str, torch.Tensor], terms: LossTerms) -> None:

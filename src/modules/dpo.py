@@ -11,11 +11,18 @@ from typing import Any, Literal
 
 import datasets
 import torch
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import PreTrainedModel
 
 from src.modules import losses
 from src.modules.base import CausalLMModule, LossTerms, logits_of
+from src.strategies import (
+    call_outside_step,
+    is_fsdp,
+    model_key,
+    parameters_are_sharded,
+    zero_stage,
+)
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
 
@@ -64,6 +71,7 @@ class DPOModule(CausalLMModule):
         self.ref_model_name_or_path = ref_model_name_or_path
         self.precompute_ref_logps = precompute_ref_logps
         self.__dict__["_reference"] = None  # not a submodule: never checkpointed or trained
+        self._initial_digest = ""
 
     @property
     def needs_reference(self) -> bool:
@@ -75,23 +83,72 @@ class DPOModule(CausalLMModule):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.needs_reference and self.lora is None and self._reference is None:
-            if self.ref_model_name_or_path:
-                reference = self.load_model(self.ref_model_name_or_path)
-            else:
-                reference = copy.deepcopy(self.model)
-            reference.eval().requires_grad_(False)
-            self.__dict__["_reference"] = reference
+        strategy = self._strategy
+        if not self.needs_reference or self.lora is not None or self._reference is not None:
+            return
+        if strategy is not None and zero_stage(strategy) == 3 and not self._policy_is_reference:
+            raise ValueError(
+                "under DeepSpeed ZeRO-3 no separate reference model can be built: set "
+                "model.precompute_ref_logps true (the initial policy scores the pairs before "
+                "training), use LoRA (the reference is the policy without adapters), or fsdp"
+            )
+        if self._policy_is_reference:  # the initial policy scores the pairs: no copy at all
+            # fingerprinted now, before a resumed fit restores trained weights into it
+            self._initial_digest = _weights_digest(self.model, strategy)
+            return
+        if self.ref_model_name_or_path:
+            reference = self.load_model(self.ref_model_name_or_path)
+        else:
+            reference = copy.deepcopy(self.model)
+        reference.eval().requires_grad_(False)
+        self.__dict__["_reference"] = reference
+
+    @property
+    def _strategy(self) -> Strategy | None:
+        return self._trainer.strategy if self._trainer is not None else None
+
+    @property
+    def _policy_is_reference(self) -> bool:
+        """Precomputed log-probs of the initial policy need no copy; under FSDP the policy's
+        root shards are only gathered inside a step, so there the copy is kept (and sharded)."""
+        strategy = self._strategy
+        return (
+            self.precompute_ref_logps
+            and not self.ref_model_name_or_path
+            and not (strategy is not None and is_fsdp(strategy))
+        )
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        strategy = self.trainer.strategy
+        if self._reference is not None and is_fsdp(strategy):
+            self.__dict__["_reference"] = strategy.shard(self._reference)
         if self.precompute_ref_logps and self.needs_reference:
             self._precompute(self.trainer.datamodule)
 
     def _precompute(self, datamodule: Any) -> None:
         """Reference log-probs as dataset columns (before the loaders exist), then no reference."""
-        digest = _weights_digest(self.model if self.lora is not None else self._reference)
+        if self._reference is None and self.lora is None:
+            digest = self._initial_digest
+        else:
+            scorer = self._reference if self._reference is not None else self.model
+            digest = _weights_digest(scorer, self._strategy)
         store = datamodule.cache_path / f"ref_logps-{digest}" if datamodule.cache_path else None
+        resuming = self._trainer is not None and self.trainer.ckpt_path is not None
+        if resuming and self._reference is None and self.lora is None:
+            missing = [
+                split
+                for split, data in datamodule.datasets.items()
+                if len(data)
+                and "ref_chosen_logps" not in data.column_names
+                and (store is None or not (store / split).exists())
+            ]
+            if missing:
+                raise ValueError(
+                    "this resumed fit needs the reference log-probs its first run computed "
+                    "from the initial weights, and they are no longer in the data cache: set "
+                    "model.ref_model_name_or_path to the initial model to compute them again"
+                )
         for split, data in list(datamodule.datasets.items()):
             if len(data) == 0 or "ref_chosen_logps" in data.column_names:
                 continue
@@ -105,7 +162,7 @@ class DPOModule(CausalLMModule):
                     data[i] for i in range(start, min(start + datamodule.val_batch_size, len(data)))
                 ]
                 batch = {k: v.to(self.device) for k, v in collate(rows).items()}
-                values.append(self.reference_logps(batch).cpu())
+                values.append(call_outside_step(self, "reference_logps", batch).cpu())
             chosen, rejected = zip(*(v.chunk(2) for v in values), strict=True)
             data = data.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
             data = data.add_column("ref_rejected_logps", torch.cat(rejected).tolist())
@@ -121,7 +178,7 @@ class DPOModule(CausalLMModule):
         rank_zero_info("[dpo] reference log-probabilities precomputed; reference model released")
         self.__dict__["_reference"] = None
 
-    def reference(self) -> PreTrainedModel:
+    def reference(self) -> torch.nn.Module:
         ref = self._reference
         if next(ref.parameters()).device != self.device:
             ref.to(self.device)
@@ -136,6 +193,11 @@ class DPOModule(CausalLMModule):
         if self.lora is not None:
             with self.model.disable_adapter():
                 logits = logits_of(self.model, inputs)
+        elif self._reference is None:  # precomputing with the initial policy itself
+            was_training = self.model.training
+            self.model.eval()
+            logits = logits_of(self.model, inputs)
+            self.model.train(was_training)
         else:
             logits = logits_of(self.reference(), inputs)
         return losses.sequence_logps(logits, inputs["labels"])[0]
@@ -183,17 +245,26 @@ class DPOModule(CausalLMModule):
         return LossTerms((pair_loss * w).sum(), w.sum(), sums)
 
 
-def _weights_digest(model: torch.nn.Module) -> str:
-    """A fingerprint of the reference weights (per tensor: size, sum, sum of squares)."""
-    digest = hashlib.sha256()
+def _weights_digest(model: torch.nn.Module, strategy: Strategy | None) -> str:
+    """A fingerprint of the reference weights (per tensor: size, sum, sum of squares).
+
+    Under FSDP and ZeRO-3 each rank sees only its shard: the statistics are summed over the
+    ranks, so every rank computes the same digest.
+    """
+    names, stats = [], []
     with torch.no_grad():
-        for name, p in model.state_dict().items():
+        for name, p in model.named_parameters():
             if "lora_" in name:  # the reference is the base model without its adapters
                 continue
-            x = p.detach().double()
-            digest.update(
-                f"{name}:{x.numel()}:{x.sum().item():.12e}:{(x * x).sum().item():.12e}".encode()
-            )
+            x = getattr(p, "ds_tensor", p).detach().double()
+            names.append(model_key(name))
+            stats.append(torch.stack([torch.tensor(x.numel()).double(), x.sum(), (x * x).sum()]))
+    table = torch.stack(stats).to(next(model.parameters()).device)
+    if strategy is not None and parameters_are_sharded(strategy):
+        table = strategy.reduce(table, reduce_op="sum")
+    digest = hashlib.sha256()
+    for name, (n, total, squares) in zip(names, table.tolist(), strict=True):
+        digest.update(f"{name}:{int(n)}:{total:.12e}:{squares:.12e}".encode())
     return digest.hexdigest()[:20]
 
 

@@ -1,0 +1,147 @@
+"""FSDP whose unit of sharding and of activation checkpointing is the model's decoder layer.
+
+The layer class is found from the model itself (transformers' ``_no_split_modules``), so one
+preset serves Llama, Qwen, Mistral, Gemma... without naming a class in the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers import PreTrainedModel
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
+    """The classes of the transformer blocks in ``model`` (adapters and wrappers included)."""
+    names: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            names.update(module._no_split_modules or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ValueError(
+            f"cannot find the decoder layer class of {type(model).__name__} (its "
+            "_no_split_modules is empty): pass auto_wrap_policy to the strategy yourself"
+        )
+    return classes
+
+
+class DecoderLayerPolicy(ModuleWrapPolicy):
+    """Wrap each decoder layer; the classes are filled in from the model once it exists."""
+
+    def __init__(self) -> None:
+        super().__init__(set())
+
+    def fill(self, model: torch.nn.Module) -> None:
+        self._module_classes = decoder_layer_classes(model)
+        self._module_classes_str = str(self._module_classes)
+
+
+class LayerFSDPStrategy(FSDPStrategy):
+    """``FSDPStrategy`` that wraps (and optionally checkpoints) each decoder layer.
+
+    Args:
+        checkpoint_layers: Recompute each decoder layer's activations in backward.
+        **kwargs: See Lightning's ``FSDPStrategy`` (``sharding_strategy``: ``FULL_SHARD``,
+            ``HYBRID_SHARD`` to shard within a node and replicate across nodes, ...;
+            ``state_dict_type``: ``sharded`` writes one shard per rank). An explicit
+            ``auto_wrap_policy`` replaces the decoder-layer one.
+    """
+
+    def __init__(self, *args: Any, checkpoint_layers: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_wrap_policy", DecoderLayerPolicy())
+        if checkpoint_layers:
+            kwargs.setdefault("activation_checkpointing_policy", DecoderLayerPolicy())
+        super().__init__(*args, **kwargs)
+        self.checkpoint_layers = checkpoint_layers
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        policies = [self.kwargs.get("auto_wrap_policy")]
+        policies.append(self._activation_checkpointing_kwargs.get("auto_wrap_policy"))
+        for policy in policies:
+            if isinstance(policy, DecoderLayerPolicy):
+                policy.fill(model)
+        return super()._setup_model(model)
+
+    def shard(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Another model (the DPO reference) sharded like the trained one, for inference."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            module.to(self.root_device) if self.root_device.type == "cpu" else module,
+            auto_wrap_policy=ModuleWrapPolicy(decoder_layer_classes(module)),
+            cpu_offload=self.cpu_offload,
+            sharding_strategy=self.sharding_strategy,
+            mixed_precision=self.mixed_precision_config,
+            device_id=self.root_device.index,
+            use_orig_params=True,
+        )
+
+
+def is_fsdp(strategy: Strategy) -> bool:
+    return isinstance(strategy, FSDPStrategy)
+
+
+def zero_stage(strategy: Strategy) -> int:
+    """The DeepSpeed ZeRO stage of ``strategy`` (0 when it is not DeepSpeed)."""
+    config = getattr(strategy, "config", None)
+    if not getattr(strategy, "handles_gradient_accumulation", False) or not config:
+        return 0
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def parameters_are_sharded(strategy: Strategy) -> bool:
+    """Whether no rank holds the full weights (FSDP, ZeRO-3): model calls are collectives."""
+    return is_fsdp(strategy) or zero_stage(strategy) == 3
+
+
+def call_outside_step(module: pl.LightningModule, method: str, *args: Any) -> Any:
+    """``module.<method>(*args)`` run outside a training step, where it calls the model.
+
+    Under FSDP the call goes through the root wrapper's forward, so the parameters it holds
+    (embeddings, final norm, ...) are gathered as in a step; elsewhere it is a plain call.
+    """
+    strategy = module._trainer.strategy if module._trainer is not None else None
+    if strategy is not None and is_fsdp(strategy) and strategy.model is not module:
+        return strategy._forward_redirection(strategy.model, module, method, *args)
+    return getattr(module, method)(*args)
+
+
+def full_state_dict(trainer: pl.Trainer, module: pl.LightningModule) -> dict | None:
+    """The full weights of ``module.model`` on global rank 0, gathered from the shards.
+
+    A collective under FSDP and ZeRO-3 (every rank must call it); ``None`` where the model
+    on each rank is already whole (its own ``state_dict`` is the full one).
+    """
+    strategy = trainer.strategy
+    if is_fsdp(strategy):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        state = get_model_state_dict(
+            strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    elif zero_stage(strategy) == 3:
+        state = strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
+    else:
+        return None
+    return strip_prefixes(state) if trainer.is_global_zero else {}
+
+
+def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    """A LightningModule-level state dict with the keys the Hugging Face model uses."""
+    return {model_key(key): value for key, value in state.items()}
+
+
+def model_key(name: str) -> str:
+    """A parameter's name inside the Hugging Face model, without strategy wrappers."""
+    for wrapper in ("_forward_module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    name = name.replace("_orig_mod.", "").removeprefix("module.")
+    return name.removeprefix("model.")  # the LightningModule's attribute

@@ -1,0 +1,130 @@
+"""Two CPU processes (DDP over gloo) train exactly like one process with the same global batch.
+
+The data hold exactly one global batch of variable-length examples, so every step of either
+run averages over the same examples, whatever the sampler's order: the step losses match only
+if the mean is taken over every label token (or pair) across devices, not per device.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, conversation, write_jsonl
+from tests.test_e2e import scalars
+
+pytestmark = pytest.mark.slow
+
+STEPS = 3
+
+
+def fit(config: str, tmp: Path, name: str, model_dir: Path, data: Path, devices: int, *extra):
+    per_device = 4 // devices
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "fit",
+        "--config",
+        str(ROOT / "configs" / config),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        str(devices),
+        "--trainer.max_steps",
+        str(STEPS),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks",
+        "[{class_path: src.callbacks.HFExport}]",  # no sample generation
+        "--trainer.logger.init_args.save_dir",
+        str(tmp / "runs"),
+        "--trainer.logger.init_args.name",
+        name,
+        "--model.init_args.model_name_or_path",
+        str(model_dir),
+        "--model.init_args.from_scratch",
+        "true",
+        "--data.init_args.train_files",
+        str(data),
+        "--data.init_args.val_split",
+        "0",
+        "--data.init_args.batch_size",
+        str(per_device),
+        "--data.init_args.cache_dir",
+        str(tmp / "cache"),
+        *extra,
+    ]
+    if devices > 1:
+        args += ["--trainer.strategy", "ddp"]
+    result = subprocess.run(args, capture_output=True, cwd=ROOT, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp / "runs" / name / "version_0"
+    return [v for _, v in scalars(run, "train/loss")], load_file(run / "hf" / "model.safetensors")
+
+
+def assert_same_training(single, double) -> None:
+    (losses_1, weights_1), (losses_2, weights_2) = single, double
+    assert len(losses_1) == len(losses_2) == STEPS
+    assert losses_2 == pytest.approx(losses_1, rel=2e-5)
+    for name, value in weights_1.items():
+        assert (weights_2[name] - value).abs().max().item() < 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    rows = [
+        conversation("What is 2 + 3?", "5"),
+        conversation("Reverse the words: red fox sleeps", "sleeps fox red"),
+        conversation("Uppercase: blue bird", "BLUE BIRD", "Now reverse it.", "BIRD BLUE"),
+        conversation("Sort these numbers: 9 4 7 1 3 8 2 6 5", "1 2 3 4 5 6 7 8 9"),
+    ]
+    return write_jsonl(tmp_path_factory.mktemp("ddp") / "sft.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def sft_single(tmp_path_factory, micro_model_dir, sft_data):
+    return fit("sft.yaml", tmp_path_factory.mktemp("one"), "one", micro_model_dir, sft_data, 1)
+
+
+def test_sft_two_processes_match_one(tmp_path, micro_model_dir, sft_data, sft_single):
+    double = fit("sft.yaml", tmp_path, "two", micro_model_dir, sft_data, 2)
+    assert_same_training(sft_single, double)
+
+
+def test_engine_style_loss_scaling_matches_under_ddp(
+    tmp_path, micro_model_dir, sft_data, sft_single
+):
+    """The path DeepSpeed takes (loss divided by the global unit count before backward,
+    gradients averaged by the engine) gives the same training as one process."""
+    double = fit(
+        "sft.yaml",
+        tmp_path,
+        "engine",
+        micro_model_dir,
+        sft_data,
+        2,
+        "--trainer.strategy",
+        "tests.engine_like.EngineLikeDDP",
+    )
+    assert_same_training(sft_single, double)
+
+
+def test_dpo_two_processes_match_one(tmp_path, micro_model_dir):
+    pairs = [
+        {"prompt": "Name a colour.", "chosen": "Blue", "rejected": "A fox runs"},
+        {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5 or maybe 6"},
+        {"prompt": "Say hi.", "chosen": "Hi there, friend!", "rejected": "No"},
+        {"prompt": "Count to three.", "chosen": "1 2 3", "rejected": "1 2"},
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    single = fit("dpo.yaml", tmp_path, "one", micro_model_dir, data, 1)
+    double = fit("dpo.yaml", tmp_path, "two", micro_model_dir, data, 2)
+    assert_same_training(single, double)
