@@ -41,7 +41,13 @@ def test_trainer_preset_composes_with_sft(sft_cli, preset):
         ["--config", str(CONFIGS / "sft.yaml"), "--trainer", str(preset)]
     )
     for key, value in _yaml(preset).items():
-        assert parsed.trainer[key] == value
+        if key == "strategy" and isinstance(value, dict):  # a class: check what was given
+            assert parsed.trainer.strategy.class_path == value["class_path"]
+            for arg, given in value["init_args"].items():
+                parsed_value = parsed.trainer.strategy.init_args[arg]
+                assert getattr(parsed_value, "name", parsed_value) == given
+        else:
+            assert parsed.trainer[key] == value
 
 
 @pytest.mark.parametrize(
