@@ -67,3 +67,49 @@ def test_a_second_run_loads_them_from_the_data_cache(tmp_path, micro_model_dir, 
     monkeypatch.setattr(DPOModule, "reference_logps", fail)
     module2._precompute(dm2)
     assert dm2.datasets["train"]["ref_chosen_logps"] == first
+
+
+def fit_dpo(tmp_path, micro_model_dir, steps: int, ckpt_path=None, cache="cache"):
+    import lightning.pytorch as pl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(10))
+    dm = PreferenceDataModule(
+        tokenizer=str(ASSETS),
+        train_files=str(data),
+        val_split=0.2,
+        max_length=64,
+        batch_size=4,
+        cache_dir=str(tmp_path / cache),
+    )
+    pl.seed_everything(0)
+    module = DPOModule(
+        model_name_or_path=str(micro_model_dir),
+        from_scratch=True,
+        tokenizer=str(ASSETS),
+        precompute_ref_logps=True,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        default_root_dir=str(tmp_path / "ckpts"),
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    assert module._reference is None  # no copy was ever made
+    return dm, trainer
+
+
+def test_a_resumed_fit_keeps_the_initial_policys_log_probs(tmp_path, micro_model_dir):
+    """Resuming restores trained weights into the policy before the pass: the log-probs of
+    the first run (the initial weights') are reused, not recomputed from trained weights."""
+    first, trainer = fit_dpo(tmp_path, micro_model_dir, 2)
+    ckpt = trainer.checkpoint_callback.best_model_path
+    resumed, _ = fit_dpo(tmp_path, micro_model_dir, 4, ckpt_path=ckpt)
+    assert (
+        resumed.datasets["train"]["ref_chosen_logps"] == first.datasets["train"]["ref_chosen_logps"]
+    )
+    with pytest.raises(ValueError, match="no longer in the data cache"):
+        fit_dpo(tmp_path, micro_model_dir, 4, ckpt_path=ckpt, cache="empty-cache")

@@ -13,9 +13,11 @@ Preparation runs in this order, for any objective:
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 import datasets
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -433,10 +436,11 @@ class BaseDataModule(pl.LightningDataModule):
     # ---------------------------------------------------------------- loaders
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> StatefulDataLoader:
         data = self.datasets[split]
-        return StatefulDataLoader(
+        iterable = isinstance(data, IterableDataset)  # streamed: in order, length unknown
+        return (PrefetchAwareLoader if iterable else StatefulDataLoader)(
             data,
             batch_size=batch_size,
-            shuffle=shuffle and not isinstance(data, StreamingDataset),
+            shuffle=shuffle and not iterable,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -446,7 +450,10 @@ class BaseDataModule(pl.LightningDataModule):
         data = self.datasets["train"]
         if isinstance(data, StreamingDataset) and self.trainer is not None:
             data.rank, data.world_size = self.trainer.global_rank, self.trainer.world_size
-        return self._loader("train", self.batch_size, shuffle=True)
+        loader = self._loader("train", self.batch_size, shuffle=True)
+        if isinstance(loader, PrefetchAwareLoader):
+            loader.trainer = self.trainer  # whose look-ahead its checkpointed state leaves out
+        return loader
 
     def val_dataloader(self) -> StatefulDataLoader | list:
         if len(self.datasets.get("val", [])) == 0:
@@ -456,6 +463,50 @@ class BaseDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> StatefulDataLoader | list:
         """``test`` evaluates on the validation data (the held-out split or ``val_files``)."""
         return self.val_dataloader()
+
+
+class PrefetchAwareLoader(StatefulDataLoader):
+    """A ``StatefulDataLoader`` whose state leaves out the batches Lightning holds untrained.
+
+    Lightning's training loop fetches a batch ahead of the one it trains on when the loader
+    has no length (to know which batch is the last), so when it checkpoints after batch i the
+    loader has already produced batch i+1, and a resume from the loader's own state would
+    skip that batch. This loader keeps its state from before each of its latest batches and
+    reports the one from before the batches still waiting in ``trainer``'s fetcher.
+    """
+
+    trainer: pl.Trainer | None = None  # set by ``train_dataloader``; None: no look-ahead
+    _before: deque[dict[str, Any]]
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        self._before = deque(maxlen=4)
+
+        def batches() -> Iterator[Any]:
+            while True:
+                state = copy.deepcopy(super(PrefetchAwareLoader, self).state_dict())
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    self._before.clear()  # a fetcher that met the end holds nothing back
+                    return
+                self._before.append(state)
+                yield batch
+
+        return batches()
+
+    def state_dict(self) -> dict[str, Any]:
+        waiting = _prefetched_batches(self.trainer)
+        if 0 < waiting <= len(getattr(self, "_before", ())):
+            return self._before[-waiting]
+        return super().state_dict()
+
+
+def _prefetched_batches(trainer: pl.Trainer | None) -> int:
+    """Batches fetched by the training loop but not yet trained on (Lightning's fetcher
+    prefetches one for loaders without a length, none otherwise)."""
+    fetcher = getattr(getattr(trainer, "fit_loop", None), "_data_fetcher", None)
+    return len(getattr(fetcher, "batches", ()))
 
 
 _WORKER_MODULE: BaseDataModule | None = None
