@@ -23,7 +23,7 @@ from src.callbacks.generation import generate
 from src.datamodules.base import load_tokenizer
 from src.modules.adapters import LoraSettings, add_adapters, quantization_kwargs
 from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
-from src.strategies import model_key, parameters_are_sharded
+from src.strategies import model_key, parameters_are_sharded, zero_stage
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -142,6 +142,13 @@ class CausalLMModule(pl.LightningModule):
         self, name_or_path: str, from_scratch: bool = False, lora: LoraSettings | None = None
     ) -> PreTrainedModel:
         """A Hugging Face causal LM: from a checkpoint, or initialised from its config."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is not None and zero_stage(strategy) == 3:
+            # transformers partitions the weights as it loads them only when it is told
+            # ZeRO-3 is on; the object must stay alive (transformers keeps a weak reference)
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self.__dict__["_hf_deepspeed_config"] = HfDeepSpeedConfig(strategy.config)
         dtype = "auto" if self.torch_dtype == "auto" else getattr(torch, self.torch_dtype)
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": self.trust_remote_code}
         if self.attn_implementation:
