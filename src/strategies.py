@@ -67,19 +67,20 @@ class LayerFSDPStrategy(FSDPStrategy):
                 policy.fill(model)
         return super()._setup_model(model)
 
-    def shard(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Another model (the DPO reference) sharded like the trained one, for inference."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
 
-        return FullyShardedDataParallel(
-            module.to(self.root_device) if self.root_device.type == "cpu" else module,
-            auto_wrap_policy=ModuleWrapPolicy(decoder_layer_classes(module)),
-            cpu_offload=self.cpu_offload,
-            sharding_strategy=self.sharding_strategy,
-            mixed_precision=self.mixed_precision_config,
-            device_id=self.root_device.index,
-            use_orig_params=True,
-        )
+def shard_like_policy(strategy: FSDPStrategy, module: torch.nn.Module) -> torch.nn.Module:
+    """Another model (the DPO reference) sharded like the trained one, for inference."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(
+        module,
+        auto_wrap_policy=ModuleWrapPolicy(decoder_layer_classes(module)),
+        cpu_offload=strategy.cpu_offload,
+        sharding_strategy=strategy.sharding_strategy,
+        mixed_precision=strategy.mixed_precision_config,
+        device_id=strategy.root_device.index,
+        use_orig_params=True,
+    )
 
 
 def is_fsdp(strategy: Strategy) -> bool:

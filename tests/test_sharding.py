@@ -164,3 +164,24 @@ def test_engine_style_loss_scaling_gives_the_step_mean(micro_model_dir):
     loss = module.training_step(batch, 0)
     terms = module.loss_terms(batch)
     assert loss.item() == pytest.approx((terms.loss_sum / terms.count).item(), rel=1e-6)
+
+
+def test_dpo_reference_is_sharded_like_the_policy_under_fsdp(micro_model_dir, monkeypatch):
+    import src.modules.dpo as dpo
+    from src.modules import DPOModule
+
+    sharded = []
+    monkeypatch.setattr(dpo, "shard_like_policy", lambda s, m: sharded.append(m) or "sharded")
+
+    class FakeTrainer:
+        strategy = LayerFSDPStrategy()
+        ckpt_path = None
+        accumulate_grad_batches = 1
+
+    module = DPOModule(model_name_or_path=str(micro_model_dir), from_scratch=True)
+    module._trainer = FakeTrainer()
+    module.configure_model()
+    copy = module._reference
+    assert copy is not None and copy is not module.model
+    module.on_fit_start()
+    assert sharded == [copy] and module._reference == "sharded"

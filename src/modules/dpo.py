@@ -21,6 +21,7 @@ from src.strategies import (
     is_fsdp,
     model_key,
     parameters_are_sharded,
+    shard_like_policy,
     zero_stage,
 )
 
@@ -122,7 +123,7 @@ class DPOModule(CausalLMModule):
         super().on_fit_start()
         strategy = self.trainer.strategy
         if self._reference is not None and is_fsdp(strategy):
-            self.__dict__["_reference"] = strategy.shard(self._reference)
+            self.__dict__["_reference"] = shard_like_policy(strategy, self._reference)
         if self.precompute_ref_logps and self.needs_reference:
             self._precompute(self.trainer.datamodule)
 
