@@ -14,6 +14,8 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from src.callbacks.checkpoint import RunCheckpoint
+from src.callbacks.divergence import DivergenceGuard
+from src.callbacks.preemption import Preemption
 from src.datamodules.base import BaseDataModule
 from src.modules.base import CausalLMModule
 
@@ -36,6 +38,8 @@ class LLMCLI(LightningCLI):
         parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
         parser.link_arguments("data.init_args.chat_template", "model.init_args.chat_template")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Preemption, "preemption")
+        parser.add_lightning_class_args(DivergenceGuard, "divergence")
         parser.set_defaults(
             {
                 "checkpoint.filename": "step={step}",

@@ -109,3 +109,17 @@ def _yaml(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_every_run_has_the_safety_callbacks(sft_cli):
+    from src.callbacks import DivergenceGuard, Preemption
+
+    kinds = {type(c) for c in sft_cli.trainer.callbacks}
+    assert {DivergenceGuard, Preemption} <= kinds
+    guard = next(c for c in sft_cli.trainer.callbacks if isinstance(c, DivergenceGuard))
+    assert guard.action == "stop"
+    cli = cli_main(
+        ["--config", str(CONFIGS / "sft.yaml"), "--divergence.action", "skip"], run=False
+    )
+    guard = next(c for c in cli.trainer.callbacks if isinstance(c, DivergenceGuard))
+    assert guard.action == "skip"

@@ -6,6 +6,7 @@ from src.callbacks.divergence import DivergenceError, DivergenceGuard
 from src.callbacks.generation import SampleGeneration, generate
 from src.callbacks.hf_export import HFExport
 from src.callbacks.prediction_writer import PredictionWriter
+from src.callbacks.preemption import Preemption
 from src.callbacks.validate_on_start import ValidateOnStart
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "DivergenceGuard",
     "HFExport",
     "PredictionWriter",
+    "Preemption",
     "RunCheckpoint",
     "SampleGeneration",
     "ValidateOnStart",
