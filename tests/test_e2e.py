@@ -77,6 +77,9 @@ def test_fit_writes_config_events_checkpoints_and_samples(first_run, micro_model
     assert len(train_loss) == 6 and all(0 < v < 20 for _, v in train_loss)
     assert [s for s, _ in scalars(run_dir, "val/loss")] == [0, 2, 5]  # step 0: untrained
     assert scalars(run_dir, "val/ppl") and scalars(run_dir, "val/token_accuracy")
+    for tag in ("train/grad_norm", "train/tokens_seen"):
+        assert len(scalars(run_dir, tag)) == 6, tag
+    assert {step for step, _ in scalars(run_dir, "epoch")} >= set(range(6))
 
     acc = EventAccumulator(str(run_dir))
     acc.Reload()

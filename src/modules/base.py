@@ -23,7 +23,7 @@ from src.callbacks.generation import generate
 from src.datamodules.base import load_tokenizer
 from src.modules.adapters import LoraSettings, add_adapters, quantization_kwargs
 from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
-from src.strategies import model_key, parameters_are_sharded, zero_stage
+from src.strategies import is_fsdp, model_key, parameters_are_sharded, zero_stage
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -110,6 +110,7 @@ class CausalLMModule(pl.LightningModule):
         )
         self._step_sums: dict[str, torch.Tensor] = {}
         self._scale_loss = False
+        self._tokens_seen = 0  # real (non-pad) tokens trained on, over all devices
         self._no_decay: set[str] = set()
         self._eval_sums: dict[str, torch.Tensor] = {}
 
@@ -252,7 +253,29 @@ class CausalLMModule(pl.LightningModule):
             for p in self.trainer.model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
+        norm = self._grad_norm()  # Lightning clips after this hook: the norm before clipping
+        if norm is not None:
+            self.log("train/grad_norm", norm, on_step=True, batch_size=1)
+        if real is not None:
+            self._tokens_seen += int(real.item())
+            self.log("train/tokens_seen", float(self._tokens_seen), on_step=True, batch_size=1)
         self._log_means("train", totals, count, on_step=True)
+
+    def _grad_norm(self) -> float | None:
+        """The global L2 norm of the step's gradients (over the shards under FSDP)."""
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        if not grads:  # DeepSpeed keeps them to itself; a skipped step has none
+            return None
+        squares = torch.nn.utils.get_total_norm(grads).float() ** 2
+        if is_fsdp(self.trainer.strategy):
+            squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
+        return squares.sqrt().item()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self._tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._tokens_seen = checkpoint.get("tokens_seen", 0)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _accumulate(self._eval_sums, self.loss_terms(batch))
