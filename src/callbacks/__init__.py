@@ -7,6 +7,7 @@ from src.callbacks.generation import SampleGeneration, generate
 from src.callbacks.hf_export import HFExport
 from src.callbacks.prediction_writer import PredictionWriter
 from src.callbacks.preemption import Preemption
+from src.callbacks.throughput import Throughput
 from src.callbacks.validate_on_start import ValidateOnStart
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Preemption",
     "RunCheckpoint",
     "SampleGeneration",
+    "Throughput",
     "ValidateOnStart",
     "generate",
 ]
