@@ -12,11 +12,12 @@ from src.datamodules.chat import IGNORE_INDEX, ChatEncoder, Message, TrainOn, pr
 from src.datamodules.collate import Collator
 from src.datamodules.formats import to_chat, to_sft_example
 from src.datamodules.packing import pack_rows
-from src.datamodules.records import Record
-from src.datamodules.sources import as_sources
+from src.datamodules.records import DataError, Record
+from src.datamodules.sources import Source, as_sources
 from src.datamodules.stats import SplitStats
 
 NO_TRAINED_TOKEN = "with no trained token (no assistant turn within max_length)"
+CHAT_FIELDS = ("messages", "conversations", "instruction")  # rows that are more than a prompt
 
 
 class SFTDataModule(BaseDataModule):
@@ -30,8 +31,10 @@ class SFTDataModule(BaseDataModule):
         split_long: When packing, split examples longer than ``max_length`` into pieces
             instead of truncating them.
         padding_free: When packing, concatenate a batch's rows into a single row.
-        predict_files: Prompts for ``predict`` (rows of the same formats; a final assistant
-            turn, if any, is dropped and kept as the reference). Default: the validation data.
+        predict_files: Prompts for ``predict``: rows of any chat format (detected from their
+            fields) or a ``prompt`` alone; a final assistant turn, if any, is dropped and kept
+            as the reference; a row's ``id`` is copied to its prediction. Default: the
+            validation data.
         **kwargs: See ``BaseDataModule``.
     """
 
@@ -51,6 +54,7 @@ class SFTDataModule(BaseDataModule):
         self.split_long = split_long
         self.padding_free = padding_free
         self.predict_files = as_list(predict_files)
+        self.predict_ids: list[Any] = []  # the ids of the predicted rows, filled by the loader
 
     def settings(self) -> dict[str, Any]:
         return {"train_on": self.train_on, "packing": self.packing, "split_long": self.split_long}
@@ -126,16 +130,56 @@ class SFTDataModule(BaseDataModule):
             super().setup(stage)
 
     def predict_dataloader(self) -> DataLoader:
-        """Batches of (prompt messages, reference) pairs, generated from by the model."""
+        """Batches of (prompt messages, reference) pairs, in input order, generated from by
+        the model. ``predict_ids`` keeps each prompt's ``id`` (``None`` without one)."""
         if self.predict_files:
-            samples = []
-            for i, source in enumerate(as_sources(self.predict_files)):
-                for record in source.records(i):
-                    chat = to_chat(record, source.format or self.format)
-                    samples.append(_prompt_and_reference(chat["messages"]))
+            rows = read_prompts(self.predict_files)
+            samples = [(p, r) for p, r, _ in rows]
+            self.predict_ids = [i for _, _, i in rows]
         else:
             samples = self.sample_prompts()
+            self.predict_ids = [None] * len(samples)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1 and samples:
+            # every rank gets as many prompts (ranks decode in lockstep under sharding);
+            # the writer drops the repeats, whose index is past the real prompts
+            samples += [samples[-1]] * (-len(samples) % world)
         return DataLoader(samples, batch_size=self.val_batch_size, collate_fn=list, shuffle=False)
+
+
+PromptRow = tuple[list[Message], str, Any]  # prompt messages, reference, the row's id
+
+
+def read_prompts(files: str | list[str] | list[Source], fmt: str = "auto") -> list[PromptRow]:
+    """Every row of ``files`` as (prompt messages, reference answer, the row's ``id``).
+
+    Rows come in any chat format (by their fields, or a ``Source``'s ``format``), or as a
+    ``prompt`` alone (a string or messages); a final assistant turn is the reference.
+    """
+    sources = as_sources(files)
+    rows = []
+    for i, source in enumerate(sources):
+        for record in source.records(i):
+            record, name = _prompt_alone(record, source.format or fmt)
+            prompt, reference = _prompt_and_reference(to_chat(record, name)["messages"])
+            rows.append((prompt, reference, record.row.get("id")))
+    if not rows:
+        raise DataError(f"no prompts in {', '.join(s.path for s in sources) or 'no file'}")
+    return rows
+
+
+def _prompt_alone(record: Record, fmt: str) -> tuple[Record, str]:
+    """A row holding only a ``prompt`` (no completion) as a ``messages`` row."""
+    row = record.row
+    if fmt not in ("auto", "prompt_completion") or row.get("prompt") is None:
+        return record, fmt
+    if fmt == "auto" and any(row.get(f) is not None for f in CHAT_FIELDS):
+        return record, fmt
+    if row.get("completion") is not None:
+        return record, fmt
+    prompt = row["prompt"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return Record({**row, "messages": messages}, record.where, record.source), "messages"
 
 
 def _prompt_and_reference(messages: list[Message]) -> tuple[list[Message], str]:

@@ -294,6 +294,7 @@ class CausalLMModule(pl.LightningModule):
         max_new_tokens: int,
         do_sample: bool = False,
         temperature: float = 1.0,
+        top_p: float | None = None,
     ) -> list[str]:
         """Completions of chat prompts. Under FSDP and ZeRO-3 every rank must call it: the
         ranks decode in lockstep until all are done (``synced_gpus``)."""
@@ -306,6 +307,7 @@ class CausalLMModule(pl.LightningModule):
             max_new_tokens,
             do_sample,
             temperature,
+            top_p=top_p,
             synced_gpus=synced and self.trainer.world_size > 1,
         )
 
