@@ -18,6 +18,14 @@ from src.datamodules import SFTDataModule
 from src.modules import SFTModule
 from tests.conftest import ASSETS, conversation, write_jsonl
 
+THROUGHPUT_KEYS = {
+    "train/tokens_per_sec",
+    "train/samples_per_sec",
+    "train/mfu",
+    "train/peak_memory_gb",
+    "train/padding_efficiency_avg",
+}
+
 
 def tiny_config(**kwargs) -> LlamaConfig:
     return LlamaConfig(
@@ -165,9 +173,9 @@ def fit(data_files, model_dir, tmp_path, monkeypatch, callback: Throughput):
     with open(trainer.logger.experiment.metrics_file_path, newline="") as f:
         rows = list(csv.DictReader(f))
     logged = {
-        int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("perf/") and v}
+        int(r["step"]): {k: float(v) for k, v in r.items() if k in THROUGHPUT_KEYS and v}
         for r in rows
-        if any(k.startswith("perf/") and v for k, v in r.items())
+        if any(k in THROUGHPUT_KEYS and v for k, v in r.items())
     }
     return clock, logged, module
 
@@ -190,14 +198,14 @@ def test_fit_logs_rates_over_each_window(data_files, micro_model_dir, tmp_path, 
         rows = sum(b.rows for b in window)
         metrics = logged[step]
         assert set(metrics) == {
-            "perf/tokens_per_s",
-            "perf/samples_per_s",
-            "perf/padding_efficiency",
-        }  # no perf/mfu nor perf/peak_memory_gb on a CPU
+            "train/tokens_per_sec",
+            "train/samples_per_sec",
+            "train/padding_efficiency_avg",
+        }  # no train/mfu nor train/peak_memory_gb on a CPU
         assert rows == 8 and real > 0 and real < slots  # padded batches
-        assert metrics["perf/tokens_per_s"] == pytest.approx(real / seconds, rel=1e-6)
-        assert metrics["perf/samples_per_s"] == pytest.approx(8 / seconds, rel=1e-6)
-        assert metrics["perf/padding_efficiency"] == pytest.approx(real / slots, rel=1e-6)
+        assert metrics["train/tokens_per_sec"] == pytest.approx(real / seconds, rel=1e-6)
+        assert metrics["train/samples_per_sec"] == pytest.approx(8 / seconds, rel=1e-6)
+        assert metrics["train/padding_efficiency_avg"] == pytest.approx(real / slots, rel=1e-6)
 
 
 def test_mfu_by_hand_on_a_faked_h100(data_files, micro_model_dir, tmp_path, monkeypatch, tokenizer):
@@ -213,5 +221,5 @@ def test_mfu_by_hand_on_a_faked_h100(data_files, micro_model_dir, tmp_path, monk
     flops = sum(b.real * (6 * n + 12 * 2 * 4 * 16 * b.width) for b in clock.batches)
     seconds = sum(b.seconds for b in clock.batches)
     assert sorted(logged) == [5]  # one window: all 6 steps
-    assert logged[5]["perf/mfu"] == pytest.approx(flops / seconds / 989e12, rel=1e-6)
-    assert "perf/peak_memory_gb" not in logged[5]  # the device is still a CPU
+    assert logged[5]["train/mfu"] == pytest.approx(flops / seconds / 989e12, rel=1e-6)
+    assert "train/peak_memory_gb" not in logged[5]  # the device is still a CPU

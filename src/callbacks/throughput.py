@@ -109,18 +109,18 @@ class Throughput(pl.Callback):
     window, checkpoint saves are not), over all ranks, logged by global rank 0 at the step of
     that optimizer step's ``train/loss``:
 
-    - ``perf/tokens_per_s``: real (non-pad) tokens per second over all ranks: the batches'
+    - ``train/tokens_per_sec``: real (non-pad) tokens per second over all ranks: the batches'
       ``real_tokens`` (chosen + rejected for preference pairs), else every token slot.
-    - ``perf/samples_per_s``: batch rows per second over all ranks (a preference pair is one
+    - ``train/samples_per_sec``: batch rows per second over all ranks (a preference pair is one
       sample, a packed row one sample).
-    - ``perf/mfu``: model FLOPs utilisation, the model FLOP/s achieved per device over the
+    - ``train/mfu``: model FLOPs utilisation, the model FLOP/s achieved per device over the
       device's dense bf16 peak. Model FLOPs are ``flops_per_token(config, N, T)`` times the
       real tokens, T each batch's row length, N from ``non_embedding_params``; padding
       therefore lowers MFU. A DPO reference model's forward is not counted. Only on a GPU in
       ``PEAK_TFLOPS`` (A100 312, H100 SXM 989, H200 989 TFLOP/s) or with ``peak_tflops``.
-    - ``perf/peak_memory_gb``: the largest ``torch.cuda.max_memory_allocated`` of any rank
+    - ``train/peak_memory_gb``: the largest ``torch.cuda.max_memory_allocated`` of any rank
       in the window, in GiB (CUDA only).
-    - ``perf/padding_efficiency``: real tokens over token slots in the window (the module's
+    - ``train/padding_efficiency_avg``: real tokens over token slots in the window (the module's
       ``train/padding_efficiency`` is the same per step).
 
     Args:
@@ -180,7 +180,7 @@ class Throughput(pl.Callback):
             why += " (set peak_tflops)"
         self._peak_flops = None if why else peak * 1e12
         if why:
-            rank_zero_info(f"Throughput: perf/mfu is not logged: {why}")
+            rank_zero_info(f"Throughput: train/mfu is not logged: {why}")
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -249,13 +249,16 @@ class Throughput(pl.Callback):
         elapsed, memory = rows[:, 4].max().item(), rows[:, 5].max().item()
         if not trainer.is_global_zero or not trainer.loggers or elapsed <= 0:
             return
-        metrics = {"perf/tokens_per_s": real / elapsed, "perf/samples_per_s": samples / elapsed}
+        metrics = {
+            "train/tokens_per_sec": real / elapsed,
+            "train/samples_per_sec": samples / elapsed,
+        }
         if slots:
-            metrics["perf/padding_efficiency"] = real / slots
+            metrics["train/padding_efficiency_avg"] = real / slots
         if self._peak_flops is not None:
-            metrics["perf/mfu"] = flops / elapsed / rows.shape[0] / self._peak_flops
+            metrics["train/mfu"] = flops / elapsed / rows.shape[0] / self._peak_flops
         if self._cuda:
-            metrics["perf/peak_memory_gb"] = memory
+            metrics["train/peak_memory_gb"] = memory
         step = trainer.fit_loop.epoch_loop._batches_that_stepped  # that of train/loss
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
