@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from src.callbacks.checkpoint import RunCheckpoint
+from src.callbacks.checkpoint import BestCheckpoint, EarlyStop, RunCheckpoint
 from src.callbacks.divergence import DivergenceGuard
 from src.callbacks.preemption import Preemption
+from src.callbacks.run_record import RunRecord
 from src.datamodules.base import BaseDataModule
 from src.modules.base import CausalLMModule
 
@@ -29,9 +31,21 @@ class LLMCLI(LightningCLI):
     """LightningCLI in subclass mode for model and data, with run-directory conventions.
 
     Runs are written to ``runs/<experiment>/version_N/`` (TensorBoard events, ``config.yaml``,
-    ``checkpoints/``, ``hf/``). ``--ckpt_path last`` resumes the newest run of the experiment
-    in its own directory.
+    ``run.json``, ``checkpoints/``, ``hf/``). ``--ckpt_path last`` resumes the newest run of
+    the experiment in its own directory.
+
+    Argument groups beside ``trainer``, ``model`` and ``data`` (each one callback, whatever
+    ``trainer.callbacks`` a config lists): ``checkpoint`` (periodic and ``last.ckpt``),
+    ``best`` (the top k by ``val/loss``, off by default), ``early_stopping`` (off by
+    default), ``preemption``, ``divergence``.
     """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # what was parsed goes into run.json (beside sys.argv, which differs from Python)
+        given = sys.argv[1:] if args is None else args
+        argv = [str(a) for a in given] if isinstance(given, list | tuple) else None
+        self.save_config_kwargs = {**self.save_config_kwargs, "argv": argv}
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
@@ -40,6 +54,8 @@ class LLMCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(Preemption, "preemption")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
+        parser.add_lightning_class_args(BestCheckpoint, "best")
+        parser.add_lightning_class_args(EarlyStop, "early_stopping")
         parser.set_defaults(
             {
                 "checkpoint.filename": "step={step}",
@@ -115,6 +131,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LLMCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
+        save_config_callback=RunRecord,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         **kwargs,

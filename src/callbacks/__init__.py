@@ -1,22 +1,26 @@
 """Callbacks: sample generation, validation at step 0, Hugging Face export,
 predictions to JSON Lines."""
 
-from src.callbacks.checkpoint import RunCheckpoint
+from src.callbacks.checkpoint import BestCheckpoint, EarlyStop, RunCheckpoint
 from src.callbacks.divergence import DivergenceError, DivergenceGuard
 from src.callbacks.generation import SampleGeneration, generate
 from src.callbacks.hf_export import HFExport
 from src.callbacks.prediction_writer import PredictionWriter
 from src.callbacks.preemption import Preemption
+from src.callbacks.run_record import RunRecord
 from src.callbacks.throughput import Throughput
 from src.callbacks.validate_on_start import ValidateOnStart
 
 __all__ = [
+    "BestCheckpoint",
     "DivergenceError",
     "DivergenceGuard",
+    "EarlyStop",
     "HFExport",
     "PredictionWriter",
     "Preemption",
     "RunCheckpoint",
+    "RunRecord",
     "SampleGeneration",
     "Throughput",
     "ValidateOnStart",

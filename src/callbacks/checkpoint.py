@@ -1,4 +1,5 @@
-"""Checkpointing: ``last.ckpt`` at the final step, atomic writes, pruning of periodic files."""
+"""Checkpointing: ``last.ckpt`` at the final step, atomic writes, pruning of periodic files;
+the best checkpoints by ``val/loss`` and early stopping on it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from src.checkpoint_io import install_atomic_io
@@ -100,6 +101,101 @@ class RunCheckpoint(ModelCheckpoint):
         ]
         found.sort(key=lambda p: (os.stat(p).st_mtime_ns, _natural_key(p.name)))
         return [str(p) for p in found]
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The ``save_top_k`` checkpoints with the best ``monitor`` value: off until asked for.
+
+    Checked after every validation (the untrained step-0 baseline is never saved); the files,
+    ``best-step=K-val_loss=X.XXXX.ckpt`` beside ``last.ckpt``, are whole checkpoints (resume
+    or export them like any other) and are written atomically. A file that drops out of the
+    top k is deleted.
+
+    Args:
+        save_top_k: How many to keep: 0 (the default) keeps none (1 with ``export``), -1 all.
+        monitor: The logged metric they are ranked by.
+        mode: ``min`` (a loss) or ``max`` (an accuracy).
+        filename: File name template; by default ``best-step={step}-<monitor>={<monitor>:.4f}``
+            (``/`` in the metric's name becomes ``_``).
+        export: Export this run's best checkpoint to ``hf/`` at the end of fit, instead of the
+            final weights (the ``HFExport`` callback does it; see its ``checkpoint``).
+        **kwargs: ``ModelCheckpoint`` arguments.
+    """
+
+    def __init__(
+        self,
+        save_top_k: int = 0,
+        monitor: str = "val/loss",
+        mode: str = "min",
+        filename: str | None = None,
+        export: bool = False,
+        auto_insert_metric_name: bool = False,
+        save_on_train_epoch_end: bool | None = False,
+        **kwargs: Any,
+    ) -> None:
+        if export and save_top_k == 0:
+            save_top_k = 1  # exporting the best means keeping it
+        if filename is None:
+            filename = f"best-step={{step}}-{monitor.replace('/', '_')}={{{monitor}:.4f}}"
+        super().__init__(
+            monitor=monitor,
+            mode=mode,
+            save_top_k=save_top_k,
+            filename=filename,
+            auto_insert_metric_name=auto_insert_metric_name,
+            save_on_train_epoch_end=save_on_train_epoch_end,
+            **kwargs,
+        )
+        self.export = export
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        install_atomic_io(trainer.strategy)
+
+
+class EarlyStop(EarlyStopping):
+    """Stop a fit once ``monitor`` has not improved for ``patience`` validations in a row.
+
+    Off while ``patience`` is None (the default). Checked after every validation, the step-0
+    baseline included; the fit then ends as usual (``last.ckpt``, ``hf/``). Its state is in
+    the checkpoints, so a resumed fit keeps counting.
+
+    Args:
+        patience: Validations without improvement before stopping; None: never stop.
+        monitor: The logged metric.
+        mode: ``min`` (a loss) or ``max`` (an accuracy).
+        min_delta: The least change that counts as an improvement.
+        **kwargs: ``EarlyStopping`` arguments.
+    """
+
+    def __init__(
+        self,
+        patience: int | None = None,
+        monitor: str = "val/loss",
+        mode: str = "min",
+        min_delta: float = 0.0,
+        check_on_train_epoch_end: bool | None = False,
+        **kwargs: Any,
+    ) -> None:
+        if patience is not None and patience < 1:
+            raise ValueError(f"early_stopping.patience must be at least 1 or null, got {patience}")
+        super().__init__(
+            monitor=monitor,
+            mode=mode,
+            min_delta=min_delta,
+            check_on_train_epoch_end=check_on_train_epoch_end,
+            **kwargs,
+        )
+        self.patience = patience  # type: ignore[assignment]
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        if self.patience is not None:
+            super()._run_early_stopping_check(trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience  # the one configured now, not the checkpoint's
+        super().load_state_dict(state_dict)
+        self.patience = patience
 
 
 def _natural_key(name: str) -> list[Any]:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from src.callbacks.checkpoint import BestCheckpoint
 from src.callbacks.run_dir import run_dir
+from src.checkpoint_io import saves_single_file
 from src.modules.adapters import add_adapters
-from src.strategies import full_state_dict
+from src.strategies import full_state_dict, model_key, parameters_are_sharded
 
 
 class HFExport(pl.Callback):
@@ -21,13 +28,35 @@ class HFExport(pl.Callback):
 
     Args:
         dirname: Folder name inside the run directory.
+        checkpoint: ``last``: the weights the fit ended with. ``best``: the best checkpoint
+            ranked by ``val/loss`` (``--best.save_top_k`` 1 or more; ``--best.export true``
+            asks for the same from the command line), loaded into the module before the
+            export, so the module holds those weights after fit. Under sharded strategies
+            (FSDP, DeepSpeed) ``hf/`` keeps the final weights, with a warning naming the best
+            checkpoint for ``scripts/export.py``.
     """
 
-    def __init__(self, dirname: str = "hf") -> None:
+    def __init__(self, dirname: str = "hf", checkpoint: Literal["last", "best"] = "last") -> None:
         self.dirname = dirname
+        self.checkpoint = checkpoint
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.wants_best(trainer) and ranked_checkpoint(trainer) is None:
+            raise ValueError(
+                "exporting the best checkpoint needs checkpoints ranked by val/loss: "
+                "add --best.save_top_k 1 (or a ModelCheckpoint with a monitor)"
+            )
+
+    def wants_best(self, trainer: pl.Trainer) -> bool:
+        """``checkpoint: best`` here, or ``export`` on the run's ``BestCheckpoint``."""
+        return self.checkpoint == "best" or any(
+            isinstance(c, BestCheckpoint) and c.export for c in trainer.checkpoint_callbacks
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = run_dir(trainer)
+        if self.wants_best(trainer):
+            load_best(trainer, pl_module)
         state = full_state_dict(trainer, pl_module)  # under FSDP/ZeRO-3 every rank takes part
         if not trainer.is_global_zero or directory is None:
             return
@@ -51,3 +80,50 @@ def export(pl_module: pl.LightningModule, out: Path, state: dict | None = None) 
         merged.save_pretrained(out / "merged", safe_serialization=True)
         pl_module.tokenizer.save_pretrained(out / "merged")
         rank_zero_info(f"[export] merged model written to {out / 'merged'}")
+
+
+def ranked_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The run's checkpoint callback that keeps the best by a metric (``BestCheckpoint``
+    first, else any ``ModelCheckpoint`` with a ``monitor``), or None."""
+    ranked = [c for c in trainer.checkpoint_callbacks if c.monitor and c.save_top_k != 0]
+    ranked.sort(key=lambda c: not isinstance(c, BestCheckpoint))
+    return ranked[0] if ranked else None
+
+
+def load_best(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+    """Load the best checkpoint's model weights into ``pl_module.model`` (on every rank).
+
+    Returns the checkpoint's path; None, with a warning, where the final weights stay: no best
+    checkpoint was saved, or the strategy shards them (load them with ``scripts/export.py``).
+    """
+    callback = ranked_checkpoint(trainer)
+    path = callback.best_model_path if callback is not None else ""
+    if not path:
+        rank_zero_warn("[export] no best checkpoint was saved: exporting the final weights")
+        return None
+    strategy = trainer.strategy
+    if parameters_are_sharded(strategy) or not saves_single_file(strategy):
+        rank_zero_warn(
+            f"[export] the best checkpoint is not loaded under {type(strategy).__name__}: hf/ "
+            f"holds the final weights; export the best with: python scripts/export.py {path}"
+        )
+        return None
+    fs = get_filesystem(path)
+    if not fs.exists(path):  # a rank on another node without the run's filesystem
+        return None  # (only global rank 0 exports)
+    with fs.open(path, "rb") as file:
+        try:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # our own run's file, with objects beyond tensors
+            file.seek(0)
+            checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+    weights = {
+        model_key(k): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
+    }
+    pl_module.model.load_state_dict(weights, strict=True)
+    score = callback.best_model_score
+    rank_zero_info(
+        f"[export] best checkpoint loaded: {path}"
+        + (f" ({callback.monitor} = {score.item():.4f})" if score is not None else "")
+    )
+    return path
