@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install train preview test test-fast lint format tensorboard data assets bench-data clean
+.PHONY: help install train preview test test-fast lint format tensorboard data assets bench-data bench-train bench-dpo clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -56,6 +56,12 @@ assets: $(STAMP) ## Rebuild the tiny tokenizer and model config in assets/ (dete
 
 bench-data: $(STAMP) ## Data preparation benchmark against TRL (bench/data.py)
 	$(BIN)/python bench/data.py $(ARGS)
+
+bench-train: $(STAMP) ## SFT tokens/s against TRL's SFTTrainer and a bare loop (bench/train.py)
+	$(BIN)/python bench/train.py $(ARGS)
+
+bench-dpo: $(STAMP) ## LoRA DPO pairs/s against TRL's DPOTrainer, DPO/SFT memory (bench/dpo.py)
+	$(BIN)/python bench/dpo.py $(ARGS)
 
 clean: ## Remove runs, caches (prepared data included) and the virtual environment
 	rm -rf runs .cache .pytest_cache .ruff_cache $(VENV)
