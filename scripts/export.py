@@ -24,10 +24,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.callbacks.hf_export import export  # noqa: E402
+from src.cli import LINKED_DATA_ARGS  # noqa: E402
 from src.modules.base import CausalLMModule  # noqa: E402
 from src.strategies import model_key  # noqa: E402
-
-LINKED = ("tokenizer", "max_length", "chat_template")  # data settings the CLI links to the model
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -55,7 +54,7 @@ def build_module(config_path: Path, merge: bool) -> CausalLMModule:
     model = dict(config["model"])
     init_args: dict[str, Any] = dict(model.get("init_args", {}))
     data_args = config.get("data", {}).get("init_args", {})
-    for name in LINKED:
+    for name in LINKED_DATA_ARGS:
         if name in data_args and name not in init_args:
             init_args[name] = data_args[name]
     if merge:

@@ -27,6 +27,11 @@ warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
 warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated")
 
 
+# data settings the model takes too: given once, under data (a saved config.yaml holds them
+# there only)
+LINKED_DATA_ARGS = ("tokenizer", "max_length", "chat_template")
+
+
 class LLMCLI(LightningCLI):
     """LightningCLI in subclass mode for model and data, with run-directory conventions.
 
@@ -48,9 +53,8 @@ class LLMCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
-        parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
-        parser.link_arguments("data.init_args.chat_template", "model.init_args.chat_template")
+        for name in LINKED_DATA_ARGS:
+            parser.link_arguments(f"data.init_args.{name}", f"model.init_args.{name}")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(Preemption, "preemption")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")

@@ -87,10 +87,16 @@ def is_fsdp(strategy: Strategy) -> bool:
     return isinstance(strategy, FSDPStrategy)
 
 
+def engine_owns_gradients(strategy: Strategy) -> bool:
+    """Whether the strategy's engine accumulates and keeps the gradients itself (DeepSpeed),
+    out of reach of ``param.grad``."""
+    return bool(getattr(strategy, "handles_gradient_accumulation", False))
+
+
 def zero_stage(strategy: Strategy) -> int:
     """The DeepSpeed ZeRO stage of ``strategy`` (0 when it is not DeepSpeed)."""
     config = getattr(strategy, "config", None)
-    if not getattr(strategy, "handles_gradient_accumulation", False) or not config:
+    if not engine_owns_gradients(strategy) or not config:
         return 0
     return int(config.get("zero_optimization", {}).get("stage", 0))
 

@@ -8,6 +8,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from src.strategies import engine_owns_gradients
+
 Action = Literal["stop", "skip"]
 
 _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -71,7 +73,7 @@ class DivergenceGuard(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loss_finite = []
         engine = type(trainer.strategy).__name__
-        if getattr(trainer.strategy, "handles_gradient_accumulation", False):  # DeepSpeed
+        if engine_owns_gradients(trainer.strategy):  # DeepSpeed
             if self.action == "skip":
                 raise ValueError(
                     f"DivergenceGuard action 'skip' cannot drop the gradients {engine} keeps in "

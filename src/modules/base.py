@@ -23,7 +23,13 @@ from src.callbacks.generation import generate
 from src.datamodules.base import load_tokenizer
 from src.modules.adapters import LoraSettings, add_adapters, quantization_kwargs
 from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
-from src.strategies import is_fsdp, model_key, parameters_are_sharded, zero_stage
+from src.strategies import (
+    engine_owns_gradients,
+    is_fsdp,
+    model_key,
+    parameters_are_sharded,
+    zero_stage,
+)
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -198,7 +204,7 @@ class CausalLMModule(pl.LightningModule):
         # DeepSpeed keeps gradients in its own partitions, out of reach of the rescaling in
         # on_before_optimizer_step: there each micro-batch is a whole step, and its loss is
         # divided by the unit count over all devices before backward instead.
-        self._scale_loss = getattr(self.trainer.strategy, "handles_gradient_accumulation", False)
+        self._scale_loss = engine_owns_gradients(self.trainer.strategy)
         if self._scale_loss and self.trainer.accumulate_grad_batches > 1:
             raise ValueError(
                 f"under {type(self.trainer.strategy).__name__} the exact per-step loss mean "
