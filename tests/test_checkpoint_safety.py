@@ -19,36 +19,25 @@ from src.callbacks.checkpoint import RunCheckpoint
 from src.checkpoint_io import AtomicCheckpointIO, install_atomic_io
 from src.cli import cli_main, resolve_checkpoint
 from tests.conftest import ROOT
+from tests.test_e2e import fit_args as e2e_fit_args
 
 STALE = ".last.ckpt.tmp-999999-deadbeef"  # what a killed write leaves behind
 
 
 def fit_args(runs: Path, model_dir: Path, max_steps: int, *extra: str) -> list[str]:
-    """A short SFT fit of the micro model: a checkpoint every 3 steps, validation at the end."""
-    return [
-        "fit",
-        "--config",
-        str(ROOT / "configs" / "sft.yaml"),
-        "--trainer.logger.init_args.save_dir",
-        str(runs),
-        "--trainer.max_steps",
-        str(max_steps),
+    """The end-to-end tests' short SFT fit, validated once at the end, on rows of 64."""
+    return e2e_fit_args(
+        runs,
+        model_dir,
+        max_steps,
         "--trainer.val_check_interval",
         str(max_steps),
         "--trainer.limit_val_batches",
         "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--checkpoint.every_n_train_steps",
-        "3",
-        "--model.init_args.model_name_or_path",
-        str(model_dir),
-        "--data.init_args.batch_size",
-        "4",
         "--data.init_args.max_length",
         "64",
         *extra,
-    ]
+    )
 
 
 def global_step(path: Path) -> int:
