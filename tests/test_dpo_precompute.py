@@ -19,7 +19,9 @@ def pairs(n: int) -> list[dict]:
     ]
 
 
-def setup(tmp_path, micro_model_dir):
+def data_and_module(tmp_path, micro_model_dir, cache="cache", **module_kwargs):
+    """Ten pairs (two for validation) cached under ``tmp_path / cache``, and a DPO module
+    that precomputes its reference log-probs."""
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(10))
     dm = PreferenceDataModule(
         tokenizer=str(ASSETS),
@@ -27,16 +29,22 @@ def setup(tmp_path, micro_model_dir):
         val_split=0.2,
         max_length=64,
         batch_size=4,
-        cache_dir=str(tmp_path / "cache"),
+        cache_dir=str(tmp_path / cache),
     )
-    dm.setup("fit")
-    torch.manual_seed(0)
     module = DPOModule(
         model_name_or_path=str(micro_model_dir),
         from_scratch=True,
         tokenizer=str(ASSETS),
         precompute_ref_logps=True,
+        **module_kwargs,
     )
+    return dm, module
+
+
+def setup(tmp_path, micro_model_dir):
+    torch.manual_seed(0)  # the same initial weights in every call
+    dm, module = data_and_module(tmp_path, micro_model_dir)
+    dm.setup("fit")
     module.configure_model()
     return dm, module
 
@@ -72,21 +80,11 @@ def test_a_second_run_loads_them_from_the_data_cache(tmp_path, micro_model_dir, 
 def fit_dpo(tmp_path, micro_model_dir, steps: int, ckpt_path=None, cache="cache"):
     import lightning.pytorch as pl
 
-    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(10))
-    dm = PreferenceDataModule(
-        tokenizer=str(ASSETS),
-        train_files=str(data),
-        val_split=0.2,
-        max_length=64,
-        batch_size=4,
-        cache_dir=str(tmp_path / cache),
-    )
     pl.seed_everything(0)
-    module = DPOModule(
-        model_name_or_path=str(micro_model_dir),
-        from_scratch=True,
-        tokenizer=str(ASSETS),
-        precompute_ref_logps=True,
+    dm, module = data_and_module(
+        tmp_path,
+        micro_model_dir,
+        cache,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
     )
     trainer = pl.Trainer(
