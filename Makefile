@@ -1,8 +1,11 @@
 # Run `make help` for the list of targets.
 # TORCH picks the torch build: the default pin gets the CPU wheel where one is cached and the
 # CUDA wheel from PyPI elsewhere; e.g. `make train TORCH="torch==2.5.1"` for your own build.
+# CONSTRAINTS pins every other package to the versions the README's figures were measured with;
+# `make install CONSTRAINTS=` takes the newest releases instead, `make lock` re-pins them.
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
 VENV   ?= .venv
 CONFIG ?= configs/sft.yaml
 ARGS   ?=
@@ -10,20 +13,27 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install train preview test test-fast lint format tensorboard data assets bench-data bench-train bench-dpo clean
+.PHONY: help install lock train preview test test-fast lint format tensorboard data assets bench-data bench-train bench-dpo clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install "$(TORCH)"
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP) ## Create the virtual environment and install the project (first time only)
+
+lock: ## Pin the installed versions (all but torch) in constraints.txt
+	@test -x $(BIN)/python || { echo "no $(VENV): run make install (CONSTRAINTS= for the newest) first"; exit 1; }
+	{ echo "# Versions the README's figures were measured with (Python $$($(BIN)/python -c 'import platform; print(platform.python_version())'))."; \
+	  echo "# \`make install\` installs these; \`make install CONSTRAINTS=\` the newest; \`make lock\` re-pins."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^torch=='; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 train: $(STAMP) ## Train on the embedded default (CONFIG=configs/sft.yaml, ARGS="--trainer.max_steps 50")
 	$(BIN)/python train.py fit --config $(CONFIG) $(ARGS)

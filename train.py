@@ -5,11 +5,33 @@ import sys
 from src.callbacks import DivergenceError
 from src.cli import cli_main
 from src.datamodules import DataError
+from src.errors import ConfigError, PathNotFoundError
+
+# errors worded for the user: shown as one line, not as a traceback
+PREFIXES: dict[type[Exception], str] = {
+    DataError: "data error",  # the user's data
+    DivergenceError: "training diverged",  # a NaN/Inf loss or gradient: the step
+    PathNotFoundError: "error",  # a mistyped model, tokenizer, adapter or checkpoint path
+    ConfigError: "config error",  # settings that cannot work together, a refused resume
+}
+
+
+def user_error(err: BaseException | None) -> tuple[str, BaseException] | None:
+    """The prefix and the error of ours behind ``err``, if any: jsonargparse re-raises what a
+    class raises while it is instantiated as a ValueError of its own, caused by the original."""
+    while err is not None:
+        for kind, prefix in PREFIXES.items():
+            if isinstance(err, kind):
+                return prefix, err
+        err = err.__cause__
+    return None
+
 
 if __name__ == "__main__":
     try:
         cli_main()
-    except DataError as err:  # the user's data: a message, not a traceback
-        sys.exit(f"data error: {err}")
-    except DivergenceError as err:  # a NaN/Inf loss or gradient: the step, not a traceback
-        sys.exit(f"training diverged: {err}")
+    except Exception as err:
+        found = user_error(err)
+        if found is None:
+            raise
+        sys.exit(f"{found[0]}: {found[1]}")

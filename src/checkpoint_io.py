@@ -9,6 +9,7 @@ temporary file in the same directory, fsyncs it and renames it over the target.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import uuid
 from pathlib import Path
@@ -86,6 +87,27 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def read_checkpoint(path: _PATH, mmap: bool = False) -> dict[str, Any]:
+    """A single-file checkpoint of this template's own runs, on the CPU.
+
+    Read with the tensors-only unpickler first; a file holding objects beyond tensors (a
+    run's hyperparameters, callback states) is read with the full one. ``mmap`` maps a local
+    file's tensors instead of reading them (for the step and other metadata of a large file).
+    """
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
+    def load(weights_only: bool) -> dict[str, Any]:
+        if "://" not in str(path):
+            return torch.load(str(path), map_location="cpu", weights_only=weights_only, mmap=mmap)
+        with get_filesystem(str(path)).open(str(path), "rb") as file:
+            return torch.load(file, map_location="cpu", weights_only=weights_only)
+
+    try:
+        return load(weights_only=True)
+    except pickle.UnpicklingError:
+        return load(weights_only=False)
+
+
 def saves_single_file(strategy: Strategy) -> bool:
     """Whether ``strategy`` writes a checkpoint as one file through its ``CheckpointIO``.
 
@@ -120,4 +142,4 @@ def install_atomic_io(strategy: Strategy) -> bool:
     return False
 
 
-__all__ = ["AtomicCheckpointIO", "install_atomic_io", "saves_single_file"]
+__all__ = ["AtomicCheckpointIO", "install_atomic_io", "read_checkpoint", "saves_single_file"]

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from src.callbacks.checkpoint import BestCheckpoint, EarlyStop, RunCheckpoint
@@ -20,6 +20,7 @@ from src.callbacks.preemption import Preemption
 from src.callbacks.run_record import RunRecord
 from src.datamodules.base import BaseDataModule
 from src.modules.base import CausalLMModule
+from src.resume import plan_resume, resolve_checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Deprecation notices raised inside torchdata and lightning themselves, not actionable here.
@@ -36,8 +37,9 @@ class LLMCLI(LightningCLI):
     """LightningCLI in subclass mode for model and data, with run-directory conventions.
 
     Runs are written to ``runs/<experiment>/version_N/`` (TensorBoard events, ``config.yaml``,
-    ``run.json``, ``checkpoints/``, ``hf/``). ``--ckpt_path last`` resumes the newest run of
-    the experiment in its own directory.
+    ``run.json``, ``checkpoints/``, ``hf/``). ``--ckpt_path`` resumes a fit as ``src.resume``
+    decides: the newest checkpoint of a run continues it in place, an older one starts a new
+    version; a config that would train something else is refused, naming the settings.
 
     Argument groups beside ``trainer``, ``model`` and ``data`` (each one callback, whatever
     ``trainer.callbacks`` a config lists): ``checkpoint`` (periodic and ``last.ckpt``),
@@ -60,6 +62,13 @@ class LLMCLI(LightningCLI):
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
         parser.add_lightning_class_args(BestCheckpoint, "best")
         parser.add_lightning_class_args(EarlyStop, "early_stopping")
+        parser.add_argument(
+            "--allow_changes",
+            type=list[str],
+            default=[],
+            help="Config keys (or prefixes, e.g. model.init_args.optimizer) that a resumed "
+            "fit may change beyond the resumable ones (length, logging, validation, saving)",
+        )
         parser.set_defaults(
             {
                 "checkpoint.filename": "step={step}",
@@ -89,39 +98,17 @@ class LLMCLI(LightningCLI):
             return
         args = logger["init_args"]
         experiment_dir = Path(args["save_dir"]) / (args.get("name") or "default")
-        ckpt_path, version = resolve_checkpoint(config["ckpt_path"], experiment_dir)
-        config["ckpt_path"] = ckpt_path
-        if self.subcommand == "fit" and version is not None and args.get("version") is None:
-            args["version"] = version  # keep writing into the run being resumed
-
-
-def resolve_checkpoint(ckpt_path: str, experiment_dir: Path) -> tuple[str, int | None]:
-    """Map ``last`` to the newest ``last.ckpt`` of the experiment; find a path's version.
-
-    Returns the checkpoint path and the ``version_N`` number of the run it belongs to, if any.
-    """
-    if ckpt_path == "last":
-        found = sorted(
-            experiment_dir.glob("version_*/checkpoints/last.ckpt"),
-            key=lambda p: _version_number(p.parent.parent.name),
+        if self.subcommand != "fit":  # evaluation writes a run of its own
+            config["ckpt_path"], _ = resolve_checkpoint(config["ckpt_path"], experiment_dir)
+            return
+        given = yaml.safe_load(
+            self._parser(self.subcommand).dump(config, skip_none=False, skip_check=True)
         )
-        if not found:
-            raise FileNotFoundError(
-                f"--ckpt_path last: no {experiment_dir}/version_*/checkpoints/last.ckpt to resume"
-            )
-        ckpt_path = str(found[-1])
-    path = Path(ckpt_path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    run_dir = path.resolve().parent.parent
-    if run_dir.parent == experiment_dir.resolve() and run_dir.name.startswith("version_"):
-        return ckpt_path, _version_number(run_dir.name)
-    return ckpt_path, None
-
-
-def _version_number(name: str) -> int:
-    match = re.fullmatch(r"version_(\d+)", name)
-    return int(match.group(1)) if match else -1
+        allow = config.get("allow_changes") or []
+        resume = plan_resume(config["ckpt_path"], experiment_dir, given, allow, args.get("version"))
+        config["ckpt_path"] = resume.checkpoint
+        args["version"] = resume.version  # the run continued, a name given, or the next one
+        self.save_config_kwargs = {**self.save_config_kwargs, "resume": resume}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LLMCLI:

@@ -204,9 +204,10 @@ def test_sigkill_while_writing_last_ckpt_keeps_the_previous_one_and_resume_works
     torn = Path(marker.read_text())
     assert torn.parent == ckpts and torn.stat().st_size > 0  # the half-written temp file
     assert global_step(ckpts / "last.ckpt") == 3  # the previous good one, untouched
-    assert resolve_checkpoint("last", tmp_path / "sft") == (str(ckpts / "last.ckpt"), 0)
+    # the periodic step=6.ckpt written before it completed: `last` takes the newest checkpoint
+    assert resolve_checkpoint("last", tmp_path / "sft") == (str(ckpts / "step=6.ckpt"), 0)
 
-    cli_main(fit_args(tmp_path, micro_model_dir, 6, "--ckpt_path", "last"))
-    assert global_step(ckpts / "last.ckpt") == 6
+    cli_main(fit_args(tmp_path, micro_model_dir, 8, "--ckpt_path", "last"))
+    assert global_step(ckpts / "last.ckpt") == 8
     assert not torn.exists()  # cleaned up by the first successful save
     assert not [p for p in ckpts.iterdir() if ".tmp-" in p.name]

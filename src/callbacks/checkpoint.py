@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from src.checkpoint_io import install_atomic_io
 
@@ -28,11 +28,16 @@ class RunCheckpoint(ModelCheckpoint):
         keep_last: Keep only the newest ``keep_last`` periodic checkpoints (``step=K.ckpt``),
             deleting older ones once a new one is completely written. ``last.ckpt`` is never
             pruned. None keeps them all.
+        enable_version_counter: Off: a file of the same name is replaced, never kept beside
+            a ``last-v1.ckpt`` that ``--ckpt_path last`` could mistake for the older one.
         **kwargs: ``ModelCheckpoint`` arguments.
     """
 
-    def __init__(self, keep_last: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self, keep_last: int | None = None, enable_version_counter: bool = False, **kwargs: Any
+    ) -> None:
+        # no last-v1.ckpt beside last.ckpt: a run has one newest checkpoint, under one name
+        super().__init__(enable_version_counter=enable_version_counter, **kwargs)
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be at least 1 or null, got {keep_last}")
         if keep_last is not None and self.monitor is not None:
@@ -157,8 +162,8 @@ class EarlyStop(EarlyStopping):
     """Stop a fit once ``monitor`` has not improved for ``patience`` validations in a row.
 
     Off while ``patience`` is None (the default). Checked after every validation, the step-0
-    baseline included; the fit then ends as usual (``last.ckpt``, ``hf/``). Its state is in
-    the checkpoints, so a resumed fit keeps counting.
+    baseline included; the fit then ends as usual (``last.ckpt``, ``hf/``), and says why and at
+    which step. Its state is in the checkpoints, so a resumed fit keeps counting.
 
     Args:
         patience: Validations without improvement before stopping; None: never stop.
@@ -189,8 +194,25 @@ class EarlyStop(EarlyStopping):
         self.patience = patience  # type: ignore[assignment]
 
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
-        if self.patience is not None:
-            super()._run_early_stopping_check(trainer)
+        if self.patience is None:
+            return
+        stopping = trainer.should_stop
+        super()._run_early_stopping_check(trainer)
+        if trainer.should_stop and not stopping:  # this check stopped the fit: say why, once
+            step = trainer.global_step
+            rank_zero_info(f"[early stopping] {self._why()}: stopping at step {step}")
+
+    def _why(self) -> str:
+        if self.wait_count >= self.patience:  # patience ran out (set: checked only then)
+            return (
+                f"{self.monitor} has not improved on {self.best_score.item():.4f} "
+                f"for {self.wait_count} validations"
+            )
+        # a non-finite value or a threshold (in Lightning's words, where it keeps them), or
+        # another rank's decision
+        reason = getattr(self, "stopping_reason_message", None)
+        reason = reason or f"{self.monitor}: another process decided"
+        return reason.removesuffix(" Signaling Trainer to stop.")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         patience = self.patience  # the one configured now, not the checkpoint's

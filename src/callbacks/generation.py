@@ -16,7 +16,7 @@ from torchmetrics.functional.text import bleu_score, rouge_score
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from src.callbacks.run_dir import run_dir
-from src.datamodules.chat import missing_bos
+from src.datamodules.chat import clear_padding, missing_bos
 from src.datamodules.sft import read_prompts
 from src.strategies import call_outside_step, parameters_are_sharded
 
@@ -55,6 +55,7 @@ def generate(
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
+        clear_padding(tokenizer)  # the shared tokenizer goes back to encoding unpadded
     enc = enc.to(model.device)
     was_training = model.training
     model.eval()

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import copy
-import pickle
 from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from src.callbacks.checkpoint import BestCheckpoint
 from src.callbacks.run_dir import run_dir
-from src.checkpoint_io import saves_single_file
+from src.checkpoint_io import read_checkpoint, saves_single_file
+from src.datamodules.chat import clear_padding
 from src.modules.adapters import add_adapters
 from src.strategies import full_state_dict, model_key, parameters_are_sharded
 
@@ -68,7 +67,7 @@ def export(pl_module: pl.LightningModule, out: Path, state: dict | None = None) 
     from shards) and tokenizer; with ``lora.merge`` also ``merged/``."""
     model = pl_module.model
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
-    pl_module.tokenizer.save_pretrained(out)
+    clear_padding(pl_module.tokenizer).save_pretrained(out)  # as loaded: a clean input
     rank_zero_info(f"[export] model and tokenizer written to {out}")
     lora = getattr(pl_module, "lora", None)
     if lora is not None and lora.merge:
@@ -78,7 +77,7 @@ def export(pl_module: pl.LightningModule, out: Path, state: dict | None = None) 
             model.load_state_dict(state)
         merged = copy.deepcopy(model).merge_and_unload()  # the trained model stays as is
         merged.save_pretrained(out / "merged", safe_serialization=True)
-        pl_module.tokenizer.save_pretrained(out / "merged")
+        clear_padding(pl_module.tokenizer).save_pretrained(out / "merged")
         rank_zero_info(f"[export] merged model written to {out / 'merged'}")
 
 
@@ -108,15 +107,9 @@ def load_best(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
             f"holds the final weights; export the best with: python scripts/export.py {path}"
         )
         return None
-    fs = get_filesystem(path)
-    if not fs.exists(path):  # a rank on another node without the run's filesystem
-        return None  # (only global rank 0 exports)
-    with fs.open(path, "rb") as file:
-        try:
-            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # our own run's file, with objects beyond tensors
-            file.seek(0)
-            checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+    if not get_filesystem(path).exists(path):  # a rank on another node without the run's
+        return None  # filesystem (only global rank 0 exports)
+    checkpoint = read_checkpoint(path)
     weights = {
         model_key(k): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
     }

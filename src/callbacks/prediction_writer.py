@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 
 from src.callbacks.run_dir import run_dir
 
@@ -34,10 +35,12 @@ class PredictionWriter(BasePredictionWriter):
         self.output = output
         self._path: Path | None = None
         self._buffer: list[tuple[int, dict[str, Any]]] = []
+        self._written = 0
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._buffer = []
         self._path = None
+        self._written = 0
         if not trainer.is_global_zero:
             return
         folder = run_dir(trainer)
@@ -86,11 +89,16 @@ class PredictionWriter(BasePredictionWriter):
         by_index = {i: row for i, row in rows if count is None or i < count}
         self._append([by_index[i] for i in sorted(by_index)])
 
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._path is not None:  # only the writing rank has one
+            rank_zero_info(f"[predict] {self._written} predictions written to {self._path}")
+
     def _append(self, rows: list[dict[str, Any]]) -> None:
         assert self._path is not None
         with open(self._path, "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._written += len(rows)
 
 
 def _another_names_a_file(writer: PredictionWriter, trainer: pl.Trainer) -> bool:

@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from src.callbacks.run_dir import run_dir
 
@@ -70,12 +70,17 @@ class RunRecord(SaveConfigCallback):
 
     Args:
         argv: The arguments the CLI parsed (recorded beside ``sys.argv``).
+        resume: The ``src.resume.Resume`` of a resumed fit: recorded as ``resumed_from``
+            and announced.
         **kwargs: ``SaveConfigCallback`` arguments.
     """
 
-    def __init__(self, *args: Any, argv: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, argv: list[str] | None = None, resume: Any = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.argv = argv
+        self.resume = resume
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         first = not self.already_saved
@@ -91,6 +96,9 @@ class RunRecord(SaveConfigCallback):
         config = yaml.safe_load(config_text) or {}
         record = run_record(trainer, stage, self.argv, config.get("ckpt_path"))
         directory = run_dir(trainer)
+        if self.resume is not None and stage == "fit":
+            record["resumed_from"] = self.resume.record()
+            rank_zero_info(self.resume.message(directory))
         if directory is not None and "://" not in str(directory):
             path = Path(directory) / RECORD_FILENAME
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,7 @@ from src.datamodules.splits import length_buckets, split_indices
 from src.datamodules.stats import SplitStats
 from src.datamodules.streaming import StreamingDataset
 from src.datamodules.templates import resolve_chat_template
+from src.local_paths import check_local_path
 
 Example = dict[str, Any]
 Columns = dict[str, list]
@@ -57,6 +58,7 @@ def load_tokenizer(
     name_or_path: str, trust_remote_code: bool = False, chat_template: str | None = None
 ) -> PreTrainedTokenizerBase:
     """A tokenizer with a pad token (EOS stands in) and, if given, a chat template."""
+    check_local_path(name_or_path, "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -415,10 +417,16 @@ class BaseDataModule(pl.LightningDataModule):
                 window = []
         if window:
             yield from self._window_rows(window, stats)
+        read = stats.rows  # before the held-out rows come off: zero means empty files
         stats.rows -= skip
         rank_zero_info(f"[data] {stats.summary('train (one pass of the stream)')}")
         if stats.examples == 0:
-            raise DataError(f"the training stream holds no examples ({stats.summary('train')})")
+            paths = ", ".join(s.path for s in self.train_sources)
+            if read == 0:
+                raise DataError(f"the training data hold no rows: {paths}")
+            raise DataError(
+                f"the training stream holds no examples: {paths} ({stats.summary('train')})"
+            )
 
     def _window_rows(
         self, window: list[tuple[Example, str, Any]], stats: SplitStats

@@ -22,6 +22,7 @@ import datasets
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
+from src.datamodules.chat import clear_padding
 from src.datamodules.stats import SplitStats
 
 CODE_DIR = Path(__file__).parent
@@ -40,7 +41,8 @@ def code_version() -> str:
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     digest = hashlib.sha256()
-    if tokenizer.is_fast:
+    if tokenizer.is_fast:  # without the padding state a batched call may have left
+        clear_padding(tokenizer)
         digest.update(tokenizer.backend_tokenizer.to_str().encode())
     else:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())

@@ -188,11 +188,30 @@ def _turn_end(eos: str | None, text: str, start: int, index: int) -> int:
     return pos + len(eos)
 
 
+def clear_padding(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Switch off the padding and truncation kept on a fast tokenizer's backend.
+
+    A call with ``padding=True`` (batched generation) leaves them switched on in the Rust
+    tokenizer, ``save_pretrained`` writes them into ``tokenizer.json`` and a tokenizer loaded
+    from there pads every batch it encodes: examples encoded straight through the backend
+    would then hold pad tokens inside their ``input_ids``. Returns ``tokenizer``.
+    """
+    if tokenizer.is_fast:
+        backend = tokenizer.backend_tokenizer
+        if backend.padding is not None:
+            backend.no_padding()
+        if backend.truncation is not None:
+            backend.no_truncation()
+    return tokenizer
+
+
 def encode_with_offsets(
     tokenizer: PreTrainedTokenizerBase, texts: list[str]
 ) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Token ids and character offsets of each text, without special tokens added."""
+    """Token ids and character offsets of each text, without special tokens added (nor
+    padding or truncation, whatever the tokenizer was left with)."""
     if tokenizer.is_fast:  # straight to the Rust tokenizer: batched, no Python conversion
+        clear_padding(tokenizer)
         encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
         return [(e.ids, e.offsets) for e in encodings]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
@@ -200,8 +219,9 @@ def encode_with_offsets(
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens added."""
+    """Token ids of each text, without special tokens, padding or truncation."""
     if tokenizer.is_fast:
+        clear_padding(tokenizer)
         encodings = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         return [e.ids for e in encodings]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]

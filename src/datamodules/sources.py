@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
+
+from jsonargparse.typing import register_type
 
 from src.datamodules.records import DataError, Record, TextUnit, iter_records, local_files
 
@@ -50,6 +52,12 @@ class Source:
     max_rows: int | None = None
 
     def __post_init__(self) -> None:
+        # checked here, as a config's sources are not type-checked by the parser (see below)
+        if self.text_unit not in get_args(TextUnit):
+            raise DataError(
+                f"source {self.path}: text_unit must be one of {', '.join(get_args(TextUnit))}, "
+                f"got {self.text_unit!r}"
+            )
         if self.weight <= 0:
             raise DataError(f"source {self.path}: weight must be positive, got {self.weight}")
         if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
@@ -75,6 +83,21 @@ class Source:
             if rename:
                 row = {rename.get(k, k): v for k, v in row.items()}
             yield Record(row, record.where, index)
+
+
+def _source_of(value: Any) -> Source:
+    """A config's source entry (a mapping) as a ``Source``; weights as floats, as the parser
+    gave them when it read sources as dataclasses (the cache key depends on it)."""
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a mapping with a path, got {value!r}")
+    weights = {k: float(value[k]) for k in ("weight", "loss_weight") if k in value}
+    return Source(**{**value, **weights})
+
+
+# Parsed as a registered type, not as a dataclass: jsonargparse reads the *contents* of a file
+# named where a dataclass may go, so ``train_files: empty.jsonl`` became None ("no training
+# data") and a one-paragraph .txt corpus became its own text. A registered type turns that off.
+register_type(Source, serializer=asdict, deserializer=_source_of)
 
 
 def loss_weight_of(record: Record, source: Source) -> float:

@@ -8,6 +8,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 
+from src.local_paths import check_local_path
+
 
 @dataclass
 class LoraSettings:
@@ -21,7 +23,8 @@ class LoraSettings:
         use_dora: Weight-decomposed adapters (DoRA).
         use_rslora: Rank-stabilised scaling alpha / sqrt(r) (rsLoRA).
         adapter_path: Continue training an existing adapter directory.
-        load_in_4bit: QLoRA: quantise the frozen base to 4 bits (bitsandbytes, CUDA only).
+        load_in_4bit: QLoRA: quantise the frozen pretrained base to 4 bits (bitsandbytes,
+            CUDA only; not with ``from_scratch``).
         merge: Export also a merged full model (``hf/merged``) next to the adapter.
     """
 
@@ -66,6 +69,7 @@ def add_adapters(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedMo
     if settings.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if settings.adapter_path:
+        check_local_path(settings.adapter_path, "adapter")
         model = PeftModel.from_pretrained(model, settings.adapter_path, is_trainable=True)
     else:
         config = LoraConfig(

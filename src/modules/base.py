@@ -21,6 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from src.callbacks.generation import generate
 from src.datamodules.base import load_tokenizer
+from src.errors import ConfigError
+from src.local_paths import check_local_path
 from src.modules.adapters import LoraSettings, add_adapters, quantization_kwargs
 from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
 from src.strategies import (
@@ -93,6 +95,11 @@ class CausalLMModule(pl.LightningModule):
         liger_kernels: bool = False,
     ) -> None:
         super().__init__()
+        if from_scratch and lora is not None and lora.load_in_4bit:
+            # from_config has no quantised weights to load: the 4-bit flag would be dropped
+            raise ConfigError(
+                "QLoRA quantises pretrained weights: lora.load_in_4bit needs from_scratch: false"
+            )
         self.save_hyperparameters(ignore=["optimizer"])
         self.model_name_or_path = model_name_or_path
         self.from_scratch = from_scratch
@@ -149,6 +156,7 @@ class CausalLMModule(pl.LightningModule):
         self, name_or_path: str, from_scratch: bool = False, lora: LoraSettings | None = None
     ) -> PreTrainedModel:
         """A Hugging Face causal LM: from a checkpoint, or initialised from its config."""
+        check_local_path(name_or_path, "model")
         strategy = self._trainer.strategy if self._trainer is not None else None
         if strategy is not None and zero_stage(strategy) == 3:
             # transformers partitions the weights as it loads them only when it is told

@@ -158,12 +158,15 @@ class DPOModule(CausalLMModule):
                 continue
             collate = datamodule.collator()
             values: list[torch.Tensor] = []
-            for start in range(0, len(data), datamodule.val_batch_size):
-                rows = [
-                    data[i] for i in range(start, min(start + datamodule.val_batch_size, len(data)))
-                ]
+            size = datamodule.val_batch_size
+            every = max(1, -(-len(data) // size) // 10)  # about ten lines a split, in any log
+            for n, start in enumerate(range(0, len(data), size)):
+                rows = [data[i] for i in range(start, min(start + size, len(data)))]
                 batch = {k: v.to(self.device) for k, v in collate(rows).items()}
                 values.append(call_outside_step(self, "reference_logps", batch).cpu())
+                done, total = start + len(rows), len(data)
+                if (n + 1) % every == 0 or done == total:
+                    rank_zero_info(f"[dpo] reference log-probs of {split}: {done}/{total} pairs")
             chosen, rejected = zip(*(v.chunk(2) for v in values), strict=True)
             data = data.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
             data = data.add_column("ref_rejected_logps", torch.cat(rejected).tolist())
