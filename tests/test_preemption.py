@@ -291,6 +291,8 @@ def train_py(args: list[str]) -> Iterator[subprocess.Popen]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # as at a terminal: Ctrl-C not ignored, though this test may run as a background job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         yield proc
