@@ -24,6 +24,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.callbacks.hf_export import export  # noqa: E402
+from src.checkpoint_io import read_checkpoint  # noqa: E402
 from src.cli import LINKED_DATA_ARGS  # noqa: E402
 from src.modules.base import CausalLMModule  # noqa: E402
 from src.strategies import model_key  # noqa: E402
@@ -32,7 +33,7 @@ from src.strategies import model_key  # noqa: E402
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The LightningModule state dict of a checkpoint file or sharded checkpoint directory."""
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        return read_checkpoint(path)["state_dict"]
     if not path.is_dir():
         raise SystemExit(f"export: no checkpoint at {path}")
     if (path / ".metadata").exists():  # torch.distributed.checkpoint: sharded FSDP
