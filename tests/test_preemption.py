@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -310,6 +310,21 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
+def stopped_at_step_2(
+    tmp_path: Path, model_dir: Path, send: Callable[[int], None], *extra: str
+) -> tuple[str, Path]:
+    """``train.py`` held at step 2, ``send`` given its pid there, checked to have saved
+    ``last.ckpt`` at step 2 and exited 0; its output and run directory."""
+    args, marker = held_at_step_2(tmp_path, model_dir, *extra)
+    with train_py(args) as proc:
+        wait_for(marker, proc)
+        send(proc.pid)
+        output, _ = proc.communicate(timeout=120)
+    run = tmp_path / "sft" / "version_0"
+    assert_stopped_at_step_2_with_last_ckpt(proc.returncode, output, run)
+    return output, run
+
+
 def held_at_step_2(tmp_path: Path, model_dir: Path, *extra: str, then_hold_s: float = 0.0):
     """The end-to-end fit to step 6, held at step 2 until a signal; and the hold's marker."""
     marker = tmp_path / "at-step-2"
@@ -335,13 +350,9 @@ def assert_resumed_to_step_6(runs: Path) -> None:
 def test_sigterm_to_train_py_saves_last_ckpt_exits_0_and_resume_reaches_max_steps(
     tmp_path, micro_model_dir
 ):
-    args, marker = held_at_step_2(tmp_path, micro_model_dir)
-    with train_py(args) as proc:
-        wait_for(marker, proc)
-        os.kill(proc.pid, signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    run = tmp_path / "sft" / "version_0"
-    assert_stopped_at_step_2_with_last_ckpt(proc.returncode, output, run)
+    output, _ = stopped_at_step_2(
+        tmp_path, micro_model_dir, lambda pid: os.kill(pid, signal.SIGTERM)
+    )
     assert "[preemption] SIGTERM at step 2: saved" in output
 
     cli_main(fit_args(tmp_path, micro_model_dir, 6, "--ckpt_path", "last"))
@@ -353,13 +364,13 @@ def test_ctrl_c_to_train_py_saves_last_ckpt_exits_0_and_the_printed_command_resu
     tmp_path, micro_model_dir
 ):
     # Ctrl-C at a terminal reaches the whole foreground process group: data-loader workers too
-    args, marker = held_at_step_2(tmp_path, micro_model_dir, "--data.init_args.num_workers", "1")
-    with train_py(args) as proc:
-        wait_for(marker, proc)
-        os.killpg(proc.pid, signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
-    run = tmp_path / "sft" / "version_0"
-    assert_stopped_at_step_2_with_last_ckpt(proc.returncode, output, run)
+    output, run = stopped_at_step_2(
+        tmp_path,
+        micro_model_dir,
+        lambda pid: os.killpg(pid, signal.SIGINT),
+        "--data.init_args.num_workers",
+        "1",
+    )
     last = run / "checkpoints" / "last.ckpt"
     assert preemption.CTRL_C_NOTICE in output
     assert f"[preemption] SIGINT at step 2: saved {last}; stopping" in output
