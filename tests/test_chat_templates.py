@@ -440,7 +440,6 @@ class Spec:
     lead: str = ""  # template text between the generation prompt and the content
     injected: tuple[str, ...] = ()  # text the template adds that no message holds
     default_system: str | None = None  # the system prompt it adds when there is none
-    closing: str = ""  # what it writes after the last turn (trained: the model learns to stop)
 
 
 SPECS = {
@@ -492,7 +491,7 @@ SPECS = {
         end="<|end|>",
         pad="<|endoftext|>",
         extra=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-        closing="\n<|endoftext|>",  # "{% else %}{{ eos_token }}": only after the last turn
+        injected=("<|endoftext|>",),  # "{% else %}{{ eos_token }}": after the last turn
     ),
     "zephyr": Spec(
         ZEPHYR,
@@ -547,7 +546,6 @@ def toks(tokenizer) -> dict[str, PreTrainedTokenizerFast]:
 def expected_runs(name: str) -> list[str]:
     spec = SPECS[name]
     runs = [spec.lead + answer + spec.end for answer in ANSWERS]
-    runs[-1] += spec.closing
     if name == "qwen3":  # the last turn (after the last user query) gets an empty think block
         runs[-1] = "<think>\n\n</think>\n\n" + runs[-1]
     return runs
@@ -658,11 +656,14 @@ def test_mistral_v03_answers_echoed_in_the_prompt_are_not_trained(tokenizer, sys
     assert trained_runs(tok, last) == [" negative</s>"]
 
 
-def test_phi3_single_turn_trains_the_closing_eos(toks):
+def test_phi3_trains_up_to_the_end_token_and_not_the_closing_eos(toks):
+    """Inference stops at ``<|end|>``: the EOS the template writes after the last turn is
+    never written by the model, so it is not trained."""
     tok = toks["phi-3"]
     messages = chat()[:3]
     tokenized = tokenize_conversation(tok, messages)
-    assert trained_runs(tok, tokenized) == ["fox red<|end|>\n<|endoftext|>"]
+    assert tok.decode(tokenized.input_ids).endswith("fox red<|end|>\n<|endoftext|>")
+    assert trained_runs(tok, tokenized) == ["fox red<|end|>"]
 
 
 TOOLS = [

@@ -31,8 +31,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from src.datamodules import cache
+from src.datamodules.chat import ChatEncoder, TrainOn
 from src.datamodules.collate import Collator
 from src.datamodules.filters import Filters, example_hash, scrub
+from src.datamodules.reasoning import Reasoning
 from src.datamodules.records import DataError, Record
 from src.datamodules.sources import (
     MixMode,
@@ -91,6 +93,12 @@ class BaseDataModule(pl.LightningDataModule):
             of its own, e.g. ``{messages: dialog}``.
         chat_template: ``None`` for the tokenizer's own, a built-in name (chatml, llama-3,
             mistral, alpaca, plain), or a Jinja file.
+        stop_token: A token generation stops on, besides the EOS and those of the
+            tokenizer's ``generation_config.json``; it is put (and trained) after a last
+            turn that the template closes with nothing. Default: the EOS.
+        reasoning: What is trained of assistant reasoning (``reasoning_content`` or
+            ``<think>`` blocks): ``template`` (what the chat template renders), ``strip``,
+            ``keep_last`` or ``keep_all``.
         mix: ``concat`` the sources, or ``interleave`` them with probability ~ weight.
         stopping: When interleaving, stop at the ``first_exhausted`` source, or go on until
             ``all_exhausted`` (restarting the ones that ran out).
@@ -120,6 +128,8 @@ class BaseDataModule(pl.LightningDataModule):
         format: str = "auto",
         columns: dict[str, str] | None = None,
         chat_template: str | None = None,
+        stop_token: str | None = None,
+        reasoning: Reasoning = "template",
         mix: MixMode = "concat",
         stopping: Stopping = "first_exhausted",
         filters: Filters | None = None,
@@ -144,6 +154,8 @@ class BaseDataModule(pl.LightningDataModule):
         self.stratify_by = stratify_by
         self.format = format
         self.chat_template = chat_template
+        self.stop_token = stop_token
+        self.reasoning = reasoning
         self.mix = mix
         self.stopping = stopping
         self.filters = filters or Filters()
@@ -185,6 +197,11 @@ class BaseDataModule(pl.LightningDataModule):
         return load_tokenizer(
             self.tokenizer_name_or_path, self.trust_remote_code, self.chat_template
         )
+
+    def chat_encoder(self, train_on: TrainOn = "assistant") -> ChatEncoder:
+        """The encoder of this module's chat rows, with its stop token and reasoning policy."""
+        stops = [self.stop_token] if self.stop_token else []
+        return ChatEncoder(self.tokenizer, train_on, stops, self.reasoning)
 
     # ------------------------------------------------------- objective hooks
     def to_example(self, record: Record, fmt: str) -> Example:
@@ -241,7 +258,16 @@ class BaseDataModule(pl.LightningDataModule):
             "streaming": self.streaming,
             **{
                 k: getattr(self, k)
-                for k in ("val_split", "stratify_by", "format", "mix", "stopping", "max_length")
+                for k in (
+                    "val_split",
+                    "stratify_by",
+                    "format",
+                    "mix",
+                    "stopping",
+                    "max_length",
+                    "stop_token",
+                    "reasoning",
+                )
             },
             "filters": vars(self.filters),
             "seed": self.seed,

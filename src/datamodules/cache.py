@@ -47,7 +47,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     else:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    digest.update((tokenizer.chat_template or "").encode())
+    digest.update(json.dumps(tokenizer.chat_template, sort_keys=True).encode())
     digest.update(type(tokenizer).__name__.encode())
     return digest.hexdigest()
 

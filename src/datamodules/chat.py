@@ -1,14 +1,13 @@
 """Chat rendering and label masks from the model's own chat template, for any template.
 
-The template is treated as a black box: the character span of assistant turn ``i`` starts
-where the rendering of ``messages[:i]`` with the generation prompt stops, and ends where the
-rendering of ``messages[:i + 1]`` stops (trailing white space excluded). That span holds the
-turn's end-of-turn token, so the model learns to stop, and it works for templates that add
-text the messages do not contain (default system prompts, date lines) and for templates
-without ``{% generation %}`` markers. Where a template rewrites earlier turns, so that a
-prefix rendering is not a prefix of the whole, the content is found by search instead.
-Tokens are labelled by their character offsets in the whole rendering, so the ids are
-exactly those inference sees.
+The template is treated as a black box: ``turns.py`` finds where each assistant turn starts
+(where the generation prompt stops) and stops (through the token generation stops on), by
+comparing renderings of the conversation's prefixes with the whole. Tokens are labelled by
+their character offsets in the whole rendering, so the ids are exactly those inference
+sees: ``apply_chat_template(tokenize=True)``, with a BOS in front where the tokenizer adds
+one and the template writes none, and a stop token after a last turn that the template
+closes with nothing (GLM-4.5). What the template drops from a conversation (a system
+prompt, tool calls, reasoning) is counted per example.
 """
 
 from __future__ import annotations
@@ -16,13 +15,30 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
+from src.datamodules.reasoning import (
+    Reasoning,
+    learn_frame,
+    messages_for,
+    reasoning_of,
+    splice,
+)
 from src.datamodules.records import DataError
+from src.datamodules.turns import (
+    TemplateProfile,
+    Turn,
+    TurnFinder,
+    content_text,
+    generation_stop_tokens,
+    profile,
+    tool_names,
+)
 
 IGNORE_INDEX = -100
 Message = dict[str, Any]
@@ -33,6 +49,21 @@ TrainOn = Literal["assistant", "last_assistant", "all"]
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    dropped: tuple[str, ...] = ()  # what the chat template left out of the conversation
+    unstopped: int = 0  # assistant turns trained without a token generation stops on
+    appended: str | None = None  # the stop token put after a last turn left open
+
+
+@dataclass
+class Rendered:
+    """An example's text, the character spans to train, and what the template did to it."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    append: str | None = None  # a stop token to put after the text (and train)
+    dropped: tuple[str, ...] = ()
+    unstopped: int = 0
+    turns: list[Turn] = field(default_factory=list)
 
 
 class ChatRenderer:
@@ -50,12 +81,16 @@ class ChatRenderer:
                 "plain) or a Jinja file"
             )
         self.tokenizer = tokenizer
-        self.template = tokenizer.chat_template
         self.context = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-        self._compiled: Any = None
+        self._compiled: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # compiled templates do not pickle
-        return {**self.__dict__, "_compiled": None}
+        return {**self.__dict__, "_compiled": {}}
+
+    def template(self, tools: list[dict] | None = None) -> str:
+        """The template's text; of a set of named templates, the one transformers picks
+        (``tool_use`` when tools are given, else ``default``)."""
+        return self.tokenizer.get_chat_template(tools=tools)
 
     def __call__(
         self,
@@ -63,13 +98,15 @@ class ChatRenderer:
         add_generation_prompt: bool = False,
         tools: list[dict] | None = None,
     ) -> str:
-        if self._compiled is None:
-            self._compiled = _compile(self.template)
-        if self._compiled is False:
+        template = self.template(tools)
+        if template not in self._compiled:
+            self._compiled[template] = _compile(template)
+        compiled = self._compiled[template]
+        if compiled is False:
             return self.tokenizer.apply_chat_template(
                 messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        return self._compiled.render(
+        return compiled.render(
             messages=_template_messages(messages),
             tools=tools,
             documents=None,
@@ -119,73 +156,6 @@ def row_errors(where: str) -> Iterator[None]:
         raise DataError(f"{where}: the chat template rejects this conversation: {err}") from None
     except ValueError as err:
         raise DataError(f"{where}: {err}") from None
-
-
-def _try_render(render_fn: Any, messages: list[Message], **kwargs: Any) -> str | None:
-    """A prefix rendering, or None where the template refuses a partial conversation."""
-    try:
-        return render_fn(messages, **kwargs)
-    except jinja2.TemplateError:
-        return None
-
-
-def assistant_spans(
-    render_fn: Any, messages: list[Message], text: str, eos_token: str | None, tools: Any = None
-) -> list[tuple[int, int]]:
-    """Character spans of ``text`` (the whole rendering) to train on: the assistant turns.
-
-    Raises ``ValueError`` when an assistant turn cannot be located in the rendering.
-    """
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        content = (msg.get("content") or "").strip()  # templates often trim it
-        prefix = _try_render(render_fn, messages[:i], add_generation_prompt=True, tools=tools)
-        start = _prefix_end(text, prefix) if prefix is not None else None
-        through = _try_render(render_fn, messages[: i + 1], tools=tools)
-        end = _closed_turn_end(text, through, eos_token) if through is not None else None
-        if start is None or start < cursor:
-            # the last place of the content before the turn's end, not an echo of it in the
-            # prompt (Mistral v0.3 moves the system message into the last user turn)
-            if not content:
-                start = -1
-            elif end is not None and end > cursor:
-                start = text.rfind(content, cursor, end)
-            else:
-                start = text.find(content, cursor)
-            if start < 0:
-                raise ValueError(f"assistant message {i} is not in the chat template's rendering")
-            start = max(cursor, len(text[:start].rstrip(" ")))  # "[/INST] 42": the model writes " "
-        if end is None or end <= start:
-            end = _turn_end(eos_token, text, start, i)
-        end = len(text[:end].rstrip())
-        spans.append((start, end))
-        cursor = end
-    return spans
-
-
-def _prefix_end(text: str, prefix: str) -> int | None:
-    return len(prefix) if prefix and text.startswith(prefix) else None
-
-
-def _closed_turn_end(text: str, rendered: str, eos: str | None) -> int | None:
-    """Where ``rendered`` (the conversation through a turn) stops in ``text``, less an EOS that
-    the template writes only to close a conversation (Phi-3: ``{% else %}{{ eos_token }}``)."""
-    end = _prefix_end(text, rendered)
-    if end is None and eos and rendered.endswith(eos):
-        end = _prefix_end(text, rendered[: -len(eos)])
-    return end
-
-
-def _turn_end(eos: str | None, text: str, start: int, index: int) -> int:
-    """Through the first end-of-turn token after ``start``: templates that rewrite a turn
-    (dropping reasoning from earlier turns, say) still close it with that token."""
-    pos = text.find(eos, start) if eos else -1
-    if pos < 0:
-        raise ValueError(f"assistant message {index}: no end-of-turn token {eos!r} after it")
-    return pos + len(eos)
 
 
 def clear_padding(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -253,11 +223,23 @@ class ChatEncoder:
     Args:
         tokenizer: Tokenizer whose chat template renders the conversations.
         train_on: ``assistant`` (every assistant turn), ``last_assistant`` or ``all`` tokens.
+        stop_tokens: Tokens generation stops on, besides the EOS and those of the
+            ``generation_config.json`` beside the tokenizer; the first is the one put after
+            a last turn that the template closes with nothing.
+        reasoning: What is trained of the turns' reasoning (see ``reasoning.py``).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, train_on: TrainOn = "assistant"):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        train_on: TrainOn = "assistant",
+        stop_tokens: list[str] | tuple[str, ...] | None = None,
+        reasoning: Reasoning = "template",
+    ):
         self.tokenizer = tokenizer
         self.train_on = train_on
+        self.stop_tokens = tuple(stop_tokens or ())
+        self.reasoning = reasoning
         self.bos_id = bos_to_add(tokenizer)
         self.bos_token = tokenizer.bos_token
         self.eos_token = tokenizer.eos_token
@@ -269,38 +251,72 @@ class ChatEncoder:
             self._renderer = ChatRenderer(self.tokenizer)
         return self._renderer
 
+    @cached_property
+    def profile(self) -> TemplateProfile:
+        stops = (*self.stop_tokens, *generation_stop_tokens(self.tokenizer))
+        return profile(self.renderer, self.tokenizer, stops)
+
     def needs_bos(self, text: str) -> bool:
         return self.bos_id is not None and not text.startswith(self.bos_token)
 
-    def render_example(self, example: dict[str, Any]) -> tuple[str, list[tuple[int, int]]]:
-        """The text of an example and the character spans to train on."""
+    def render_example(self, example: dict[str, Any]) -> Rendered:
+        """The text of an example, the character spans to train on, and notes."""
         if "text" in example:
             text = example["text"] + (self.eos_token or "")
-            return text, [(0, len(text))]
-        messages, tools = example["messages"], example.get("tools")
+            return Rendered(text, [(0, len(text))])
+        tools = example.get("tools")
+        messages = messages_for(example["messages"], self.reasoning)
         text = self.renderer(messages, tools=tools)
+        turns = TurnFinder(self.renderer, self.profile, messages, text, tools).turns()
+        text, turns = splice(text, turns, messages, self.reasoning, self.frame)
+        append = None
+        if turns and turns[-1].open and turns[-1].end == len(text.rstrip()):
+            append = self.profile.final  # a last turn the template leaves open (GLM-4.5)
+        unstopped = sum(t.closer is None for t in turns) - (append is not None)
+        dropped = dropped_parts(messages, text, turns)
         if self.train_on == "all":
-            return text, [(0, len(text))]
-        spans = assistant_spans(self.renderer, messages, text, self.eos_token, tools)
-        return text, spans[-1:] if self.train_on == "last_assistant" else spans
+            spans = [(0, len(text))]
+        else:
+            spans = [(t.start, t.end) for t in turns]
+            if self.train_on == "last_assistant":
+                spans = spans[-1:]
+        return Rendered(text, spans, append, dropped, unstopped, turns)
+
+    def split_response(
+        self, prompt: list[Message], response: list[Message], tools: Any = None
+    ) -> tuple[str, str]:
+        """The text of ``prompt`` and of the ``response`` that follows it in the rendering
+        of both: the response's turns through their stop token, as in SFT labels."""
+        rendered = self.render_example({"messages": [*prompt, *response], "tools": tools})
+        first = sum(m["role"] == "assistant" for m in prompt)
+        if len(rendered.turns) <= first:
+            raise ValueError("the response holds no assistant message")
+        start, end = rendered.turns[first].start, rendered.turns[-1].end
+        return rendered.text[:start], rendered.text[start:end] + (rendered.append or "")
+
+    @cached_property
+    def frame(self) -> Any:
+        return learn_frame(self.renderer)
 
     def encode(self, examples: list[dict[str, Any]], wheres: list[str]) -> list[Tokenized]:
         """Each example rendered, tokenized once, and labelled by character offsets."""
-        texts, spans = [], []
+        rendered = []
         for example, where in zip(examples, wheres, strict=True):
             with row_errors(where):
-                text, example_spans = self.render_example(example)
-            texts.append(text)
-            spans.append(example_spans)
+                rendered.append(self.render_example(example))
         out = []
-        for text, (ids, offsets), sp in zip(
-            texts, encode_with_offsets(self.tokenizer, texts), spans, strict=True
-        ):
+        encodings = encode_with_offsets(self.tokenizer, [r.text for r in rendered])
+        for r, (ids, offsets) in zip(rendered, encodings, strict=True):
             ids = list(ids)
-            labels = labels_for_spans(ids, offsets, sp)
-            if self.needs_bos(text):  # never two BOS: only when the template wrote none
+            labels = labels_for_spans(ids, offsets, r.spans)
+            if self.needs_bos(r.text):  # never two BOS: only when the template wrote none
                 ids, labels = [self.bos_id, *ids], [IGNORE_INDEX, *labels]
-            out.append(Tokenized(ids, labels))
+            appended = None
+            if r.append is not None:
+                stop_id = self.tokenizer.convert_tokens_to_ids(r.append)
+                ids, labels = [*ids, stop_id], [*labels, stop_id]
+                appended = r.append
+            out.append(Tokenized(ids, labels, r.dropped, max(r.unstopped, 0), appended))
         return out
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
@@ -308,6 +324,28 @@ class ChatEncoder:
         prefix = [self.bos_id] if self.bos_id is not None else []
         suffix = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         return [prefix + list(ids) + suffix for ids in encode_texts(self.tokenizer, texts)]
+
+
+def dropped_parts(messages: list[Message], text: str, turns: list[Turn]) -> tuple[str, ...]:
+    """What the rendering ``text`` lacks of the conversation: its system prompt, or an
+    assistant turn's tool calls, content or reasoning."""
+    dropped = []
+    if messages and messages[0]["role"] == "system":
+        system = content_text(messages[0])
+        if system and system not in text:
+            dropped.append("system prompt")
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    for message, turn in zip(assistants, turns, strict=False):
+        span = text[turn.start : turn.end]
+        if any(name not in span for name in tool_names(message)):
+            dropped.append("tool calls")
+        content = content_text(message)
+        if content and content not in span:
+            dropped.append("assistant content")
+        reasoning = reasoning_of(message)
+        if reasoning and reasoning not in span:
+            dropped.append("reasoning")
+    return tuple(dict.fromkeys(dropped))
 
 
 def missing_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
@@ -323,7 +361,12 @@ def prompt_messages(messages: list[Message]) -> list[Message]:
 
 
 def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], train_on: TrainOn = "assistant"
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    train_on: TrainOn = "assistant",
+    tools: list[dict] | None = None,
+    **kwargs: Any,
 ) -> Tokenized:
     """Ids and labels of one conversation (``ChatEncoder`` for batches)."""
-    return ChatEncoder(tokenizer, train_on).encode([{"messages": messages}], ["conversation"])[0]
+    example = {"messages": messages, "tools": tools}
+    return ChatEncoder(tokenizer, train_on, **kwargs).encode([example], ["conversation"])[0]

@@ -16,10 +16,10 @@ from src.datamodules.stats import SplitStats
 class PreferenceDataModule(BaseDataModule):
     """Pairs of responses to one prompt (DPO and relatives).
 
-    The prompt is rendered alone with the generation prompt, and each response is the rest
-    of the rendering of prompt + response, so chosen and rejected carry exactly the prompt
-    tokens that generation would see. Too-long pairs keep the end of the prompt (and its
-    BOS) and the start of the responses; they are counted.
+    Each response is its assistant turn in the rendering of prompt + response, through its
+    stop token (as SFT labels), and the prompt is what comes before it, so chosen and
+    rejected carry exactly the same prompt tokens. Too-long pairs keep the end of the prompt
+    (and its BOS) and the start of the responses; they are counted.
 
     Args:
         max_prompt_length: Prompt tokens kept when a pair is too long (default: half of
@@ -41,7 +41,7 @@ class PreferenceDataModule(BaseDataModule):
 
     @cached_property
     def encoder(self) -> ChatEncoder:
-        return ChatEncoder(self.tokenizer)
+        return self.chat_encoder()
 
     def to_example(self, record: Record, fmt: str) -> Example:
         return to_preference(record, fmt)
@@ -49,22 +49,23 @@ class PreferenceDataModule(BaseDataModule):
     def encode_chunk(
         self, examples: list[Example], wheres: list[str]
     ) -> tuple[Columns, SplitStats]:
-        render = self.encoder.renderer
         prompts, chosen, rejected = [], [], []
         for example, where in zip(examples, wheres, strict=True):
             tools = example.get("tools")
-            with row_errors(where):
-                prompt = render(example["prompt"], add_generation_prompt=True, tools=tools)
-            prompts.append(prompt)
-            for side, out in (("chosen", chosen), ("rejected", rejected)):
+            texts = {}
+            for side in ("chosen", "rejected"):
                 with row_errors(where):
-                    full = render(example["prompt"] + example[side], tools=tools)
-                if not full.startswith(prompt):
-                    raise DataError(
-                        f"{where}: the chat template renders the prompt differently when a "
-                        f"{side} response follows it, so the pair cannot share prompt tokens"
+                    texts[side] = self.encoder.split_response(
+                        example["prompt"], example[side], tools
                     )
-                out.append(full[len(prompt) :].rstrip())
+            if texts["chosen"][0] != texts["rejected"][0]:
+                raise DataError(
+                    f"{where}: the chat template renders the prompt differently before the "
+                    "chosen and the rejected response, so the pair cannot share prompt tokens"
+                )
+            prompts.append(texts["chosen"][0])
+            chosen.append(texts["chosen"][1])
+            rejected.append(texts["rejected"][1])
         ids = encode_texts(self.tokenizer, prompts + chosen + rejected)
         n = len(examples)
         stats = SplitStats()

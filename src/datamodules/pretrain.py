@@ -46,7 +46,7 @@ class PretrainDataModule(BaseDataModule):
 
     @cached_property
     def encoder(self) -> ChatEncoder:
-        return ChatEncoder(self.tokenizer)
+        return self.chat_encoder()
 
     def to_example(self, record: Record, fmt: str) -> Example:
         return {"text": to_text(record, fmt)}

@@ -61,7 +61,7 @@ class SFTDataModule(BaseDataModule):
 
     @cached_property
     def encoder(self) -> ChatEncoder:
-        return ChatEncoder(self.tokenizer, self.train_on)
+        return self.chat_encoder(self.train_on)
 
     def to_example(self, record: Record, fmt: str) -> Example:
         return to_sft_example(record, fmt)
@@ -73,6 +73,7 @@ class SFTDataModule(BaseDataModule):
         columns: Columns = {"input_ids": [], "labels": [], "loss_weight": []}
         encoded = self.encoder.encode(examples, wheres)
         for example, tok in zip(examples, encoded, strict=True):
+            stats.note_template(tok)
             reason = self.filters.token_verdict(len(tok.input_ids))
             if reason:
                 stats.drop(reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -15,6 +16,7 @@ class SplitStats:
     loss_weighted: int = 0  # examples whose loss weight is not 1
     dropped: dict[str, int] = field(default_factory=dict)
     filtered: dict[str, int] = field(default_factory=dict)
+    template: dict[str, int] = field(default_factory=dict)  # what the chat template did
     packed_rows: int = 0
     row_length: int = 0
 
@@ -23,6 +25,21 @@ class SplitStats:
 
     def count(self, what: str, n: int = 1) -> None:
         self.filtered[what] = self.filtered.get(what, 0) + n
+
+    def note_template(self, tokenized: Any) -> None:
+        """Count what the chat template dropped from an example, or left unclosed."""
+        for part in tokenized.dropped:
+            self._note(f"conversations whose {part} the chat template dropped")
+        if tokenized.unstopped:
+            self._note(
+                "assistant turns with no token generation stops on (set data.stop_token)",
+                tokenized.unstopped,
+            )
+        if tokenized.appended:
+            self._note(f"last turns the template leaves open, closed with {tokenized.appended}")
+
+    def _note(self, what: str, n: int = 1) -> None:
+        self.template[what] = self.template.get(what, 0) + n
 
     def merge(self, other: SplitStats) -> None:
         for name in (
@@ -38,6 +55,8 @@ class SplitStats:
             self.drop(reason, n)
         for what, n in other.filtered.items():
             self.count(what, n)
+        for what, n in other.template.items():
+            self._note(what, n)
 
     @property
     def packing_efficiency(self) -> float | None:
@@ -54,6 +73,8 @@ class SplitStats:
         )
         if self.filtered:
             text += "; filters: " + ", ".join(f"{n} {w}" for w, n in self.filtered.items())
+        if self.template:
+            text += "; chat template: " + ", ".join(f"{n} {w}" for w, n in self.template.items())
         if self.loss_weighted:
             text += f"; {self.loss_weighted} examples with a loss weight other than 1"
         if self.packed_rows:
