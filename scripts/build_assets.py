@@ -44,15 +44,8 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END]
 
-# ChatML as in Qwen2.5, without the default system prompt and without tool handling.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
-)
+# ChatML as in Qwen2.5 (tool calls included), without the default system prompt.
+CHAT_TEMPLATE = (REPO_ROOT / "src/datamodules/templates/chatml.jinja").read_text(encoding="utf-8")
 
 
 def iter_strings(value: object) -> Iterator[str]:

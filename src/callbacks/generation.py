@@ -16,7 +16,7 @@ from torchmetrics.functional.text import bleu_score, rouge_score
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from src.callbacks.run_dir import run_dir
-from src.datamodules.chat import clear_padding, missing_bos
+from src.datamodules.chat import clear_padding, generation_stop_ids, missing_bos
 from src.datamodules.sft import read_prompts
 from src.strategies import call_outside_step, parameters_are_sharded
 
@@ -68,7 +68,7 @@ def generate(
             top_p=top_p if do_sample else None,
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=generation_stop_ids(tokenizer),
             use_cache=True,
             synced_gpus=synced_gpus,
         )

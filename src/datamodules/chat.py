@@ -326,6 +326,20 @@ class ChatEncoder:
         return [prefix + list(ids) + suffix for ids in encode_texts(self.tokenizer, texts)]
 
 
+def generation_stop_ids(
+    tokenizer: PreTrainedTokenizerBase, stop_tokens: tuple[str, ...] = ()
+) -> list[int]:
+    """Ids generation stops on: the stop tokens, the EOS, ``generation_config.json``'s, and
+    what the chat template closes a last turn with (Phi-3's ``<|end|>``)."""
+    if not tokenizer.chat_template:
+        tokens: tuple[str | None, ...] = (*stop_tokens, tokenizer.eos_token)
+    else:
+        prof = ChatEncoder(tokenizer, stop_tokens=stop_tokens).profile
+        tokens = (*prof.stops, prof.final)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in dict.fromkeys(tokens) if t]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
 def dropped_parts(messages: list[Message], text: str, turns: list[Turn]) -> tuple[str, ...]:
     """What the rendering ``text`` lacks of the conversation: its system prompt, or an
     assistant turn's tool calls, content or reasoning."""

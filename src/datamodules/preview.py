@@ -1,9 +1,13 @@
 """Check the data before spending GPU hours: statistics and examples with trained tokens marked.
 
     python -m src.datamodules.preview --config configs/sft.yaml [-n 3] [--split val]
+    python -m src.datamodules.preview --check-template --config configs/sft.yaml
+    python -m src.datamodules.preview --check-template --tokenizer path/to/model
 
 Any further ``--data...`` arguments override the config, as with ``train.py``. Trained
 tokens are shown in green on a terminal, or between ``[[`` and ``]]`` otherwise.
+``--check-template`` probes the chat template instead (see ``template_check.py``) and exits
+with status 1 when a probe fails.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from typing import Any, TextIO
 from transformers import PreTrainedTokenizerBase
 
 from src.datamodules.base import BaseDataModule
-from src.datamodules.chat import IGNORE_INDEX
+from src.datamodules.chat import IGNORE_INDEX, ChatEncoder
 from src.datamodules.records import DataError
+from src.datamodules.template_check import check_template
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 
@@ -27,12 +32,25 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m src.datamodules.preview", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--config", action="append", required=True, help="a training config")
+    parser.add_argument("--config", action="append", help="a training config")
+    parser.add_argument(
+        "--check-template", action="store_true", help="probe the chat template and judge it"
+    )
+    parser.add_argument("--tokenizer", help="with --check-template: a tokenizer, no config")
+    parser.add_argument("--chat-template", help="with --tokenizer: a built-in name or a file")
+    parser.add_argument("--stop-token", help="with --tokenizer: as data.stop_token")
+    parser.add_argument(
+        "--reasoning", default="template", choices=["template", "strip", "keep_last", "keep_all"]
+    )
     parser.add_argument("-n", "--examples", type=int, default=3, help="examples to render")
     parser.add_argument("--split", choices=["train", "val"], default="train")
     parser.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     args, overrides = parser.parse_known_args(argv)
     color = args.color == "always" or (args.color == "auto" and out.isatty())
+    if args.check_template and args.tokenizer:
+        return _check_tokenizer(args, out)
+    if not args.config:
+        parser.error("--config is required (or --check-template --tokenizer PATH)")
 
     from src.cli import cli_main  # the same parsing and defaults as train.py
 
@@ -42,11 +60,14 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     try:
         cli = cli_main([*config_args, *overrides], run=False)
         dm: BaseDataModule = cli.datamodule
-        dm.prepare_data()
-        dm.setup("fit")
+        if not args.check_template:
+            dm.prepare_data()
+            dm.setup("fit")
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
         return 1
+    if args.check_template:
+        return 0 if check_template(dm.chat_encoder(), out) else 1
     for split, stats in dm.stats.items():
         print(stats.summary(split), file=out)
     data = dm.datasets[args.split]
@@ -60,6 +81,19 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         print(f"\n=== {args.split} row {i} ===", file=out)
         print(render_row(dm.tokenizer, row, color), file=out)
     return 0
+
+
+def _check_tokenizer(args: argparse.Namespace, out: TextIO) -> int:
+    from src.datamodules.base import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer, chat_template=args.chat_template)
+        stops = [args.stop_token] if args.stop_token else []
+        encoder = ChatEncoder(tokenizer, "assistant", stops, args.reasoning)
+        return 0 if check_template(encoder, out) else 1
+    except (DataError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def example_lengths(data: Any, limit: int = 100_000) -> Iterator[int]:

@@ -97,22 +97,31 @@ def generation_stop_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...
     return tuple(t for t in tokens if t)
 
 
-@cache
 def _generation_eos_ids(name_or_path: str) -> tuple[int, ...]:
-    path = Path(name_or_path).expanduser() / "generation_config.json"
+    if not name_or_path:
+        return ()
+    directory = Path(name_or_path).expanduser()
+    path = directory / "generation_config.json"
     if path.is_file():
         config = json.loads(path.read_text(encoding="utf-8"))
+    elif directory.exists():
+        return ()
     else:
-        try:  # a hub id already in the local cache; nothing is fetched offline
-            from transformers import GenerationConfig
-
-            config = GenerationConfig.from_pretrained(name_or_path).to_dict()
-        except (OSError, ValueError):
-            return ()
+        config = _hub_generation_config(name_or_path)
     eos = config.get("eos_token_id")
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+@cache
+def _hub_generation_config(repo_id: str) -> dict[str, Any]:
+    try:  # from the hub, or its local cache when offline
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(repo_id).to_dict()
+    except (OSError, ValueError):
+        return {}
 
 
 def profile(
