@@ -70,3 +70,17 @@ def trained_runs(tokenizer, tokenized) -> list[str]:
     if current:
         runs.append(tokenizer.decode(current))
     return runs
+
+
+def save_chat_tokenizer(tokenizer, path: Path, template: str, extra: tuple[str, ...] = ()) -> str:
+    """The tiny tokenizer with ``template`` and the special tokens ``extra``, saved to ``path``."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    if extra:
+        special["additional_special_tokens"] = list(extra)
+    tok.add_special_tokens(special)
+    tok.chat_template = template
+    tok.save_pretrained(path)
+    return str(path)

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from src.datamodules.chat import ChatEncoder, generation_stop_ids
 from src.datamodules.preview import main
 from src.datamodules.template_check import PROBES, check_template
-from tests.conftest import ASSETS, ROOT
+from tests.conftest import ASSETS, ROOT, save_chat_tokenizer
 
 # A Phi-3-style template: turns close with <|end|>, the conversation with the EOS.
 PHI_LIKE = (
@@ -59,17 +59,6 @@ def run_check(*args: str) -> tuple[int, str]:
     return main(["--check-template", *args], out=out), out.getvalue()
 
 
-def save_tokenizer(tokenizer, tmp_path, template: str, extra: tuple[str, ...] = ()) -> str:
-    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
-    tok.add_special_tokens(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-        | ({"additional_special_tokens": list(extra)} if extra else {})
-    )
-    tok.chat_template = template
-    tok.save_pretrained(tmp_path)
-    return str(tmp_path)
-
-
 def test_the_shipped_template_passes_every_probe():
     rc, text = run_check("--tokenizer", str(ASSETS))
     assert rc == 0, text
@@ -94,7 +83,7 @@ def test_the_check_reads_a_training_config():
 @pytest.mark.parametrize("name", list(BROKEN))
 def test_each_broken_behaviour_fails_the_check(tokenizer, tmp_path, name):
     template, message = BROKEN[name]
-    rc, text = run_check("--tokenizer", save_tokenizer(tokenizer, tmp_path, template))
+    rc, text = run_check("--tokenizer", save_chat_tokenizer(tokenizer, tmp_path, template))
     assert rc == 1, text
     assert message in text
     assert "probe(s) failed" in text
@@ -103,7 +92,9 @@ def test_each_broken_behaviour_fails_the_check(tokenizer, tmp_path, name):
 def test_a_last_turn_closed_by_a_token_generation_does_not_stop_on_fails(tokenizer, tmp_path):
     """Phi-3-style turns close with <|end|>; a tokenizer whose EOS and generation config
     name only another token would train a stop that inference ignores."""
-    path = save_tokenizer(tokenizer, tmp_path, PHI_LIKE, ("<|end|>", "<|user|>", "<|assistant|>"))
+    path = save_chat_tokenizer(
+        tokenizer, tmp_path, PHI_LIKE, ("<|end|>", "<|user|>", "<|assistant|>")
+    )
     rc, text = run_check("--tokenizer", path)
     assert rc == 1
     assert "ends with <|end|>, which generation does not stop on" in text
@@ -117,7 +108,9 @@ def test_a_last_turn_closed_by_a_token_generation_does_not_stop_on_fails(tokeniz
 
 
 def test_generation_stops_on_what_closes_the_last_turn(tokenizer, tmp_path):
-    path = save_tokenizer(tokenizer, tmp_path, PHI_LIKE, ("<|end|>", "<|user|>", "<|assistant|>"))
+    path = save_chat_tokenizer(
+        tokenizer, tmp_path, PHI_LIKE, ("<|end|>", "<|user|>", "<|assistant|>")
+    )
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     end = tok.convert_tokens_to_ids("<|end|>")
     assert set(generation_stop_ids(tok)) == {tok.eos_token_id, end}
