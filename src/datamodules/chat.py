@@ -102,17 +102,23 @@ class ChatRenderer:
         if template not in self._compiled:
             self._compiled[template] = _compile(template)
         compiled = self._compiled[template]
-        if compiled is False:
-            return self.tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        try:
+            if compiled is False:
+                return self.tokenizer.apply_chat_template(
+                    messages,
+                    tools=tools,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                )
+            return compiled.render(
+                messages=_template_messages(messages),
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.context,
             )
-        return compiled.render(
-            messages=_template_messages(messages),
-            tools=tools,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **self.context,
-        )
+        except TypeError as err:  # the template combines fields of the wrong type
+            raise jinja2.TemplateError(f"{type(err).__name__}: {err}") from err
 
 
 def _template_messages(messages: list[Message]) -> list[Message]:
@@ -326,6 +332,16 @@ class ChatEncoder:
         return [prefix + list(ids) + suffix for ids in encode_texts(self.tokenizer, texts)]
 
 
+MODE_FLAGS = ("/no_think", "/nothink", "/think")  # read and removed by SmolLM3, GLM, Qwen3
+
+
+def _without_mode_flags(text: str) -> str:
+    """A system prompt as templates that read reasoning switches from it still write it."""
+    for flag in MODE_FLAGS:
+        text = text.replace(flag, "")
+    return max((line.strip() for line in text.splitlines()), key=len, default="")
+
+
 def generation_stop_ids(
     tokenizer: PreTrainedTokenizerBase, stop_tokens: tuple[str, ...] = ()
 ) -> list[int]:
@@ -345,7 +361,7 @@ def dropped_parts(messages: list[Message], text: str, turns: list[Turn]) -> tupl
     assistant turn's tool calls, content or reasoning."""
     dropped = []
     if messages and messages[0]["role"] == "system":
-        system = content_text(messages[0])
+        system = _without_mode_flags(content_text(messages[0]))
         if system and system not in text:
             dropped.append("system prompt")
     assistants = [m for m in messages if m["role"] == "assistant"]
