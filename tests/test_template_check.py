@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from src.datamodules.chat import ChatEncoder, generation_stop_ids
 from src.datamodules.preview import main
 from src.datamodules.template_check import PROBES, check_template
+from tests.chat_families import FAMILIES, build
 from tests.conftest import ASSETS, ROOT, save_chat_tokenizer
 
 # A Phi-3-style template: turns close with <|end|>, the conversation with the EOS.
@@ -118,3 +119,26 @@ def test_generation_stops_on_what_closes_the_last_turn(tokenizer, tmp_path):
 
 def test_check_template_returns_the_verdict(tokenizer):
     assert check_template(ChatEncoder(tokenizer), io.StringIO()) is True
+
+
+# What the check finds in the templates of the 18 families: the real behaviour of each.
+FAMILY_FAILURES = {
+    "mistral-v0.3": ["system prompt"],  # kept only when the last message is the user's
+    "mistral-nemo": ["system prompt"],
+    "deepseek-r1-distill": ["tool call and result"],  # calls rendered only for content None
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_check_on_the_template_families(tokenizer, name):
+    family = FAMILIES[name]
+    encoder = ChatEncoder(build(family, tokenizer), stop_tokens=list(family.stop))
+    out = io.StringIO()
+    passed = check_template(encoder, out)
+    text = out.getvalue()
+    failures = FAMILY_FAILURES.get(name, [])
+    assert passed == (not failures), text
+    if failures:
+        assert f"probe(s) failed: {', '.join(failures)}" in text
+    assert "a header is trained" not in text
+    assert "no end-of-turn token" not in text

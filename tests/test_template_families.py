@@ -20,6 +20,7 @@ from tests.chat_families import (
     PAIRS,
     REASONING,
     SYSTEM,
+    TOOL_ANSWER,
     TOOL_QUESTION,
     USER,
     Family,
@@ -187,3 +188,30 @@ def test_label_masks(toks, name, case, train_on):
     if expected.ids:
         assert list(tokenized.input_ids) == template_ids(tok, family, messages, tools)
     assert sorted(tokenized.dropped) == sorted(expected.dropped)
+
+
+def test_r1_tool_call_turn_with_empty_content_starts_after_the_header(tokenizer):
+    """A later form of the R1 template renders tool calls for content "" too; its generation
+    prompt opens ``<think>`` where the rendering has ``<｜tool▁calls▁begin｜>``, which shares its
+    first character. The R1 template closes a single call with nothing, so that turn has no
+    stop token (counted), and the tool output's header after it is never trained."""
+    family = FAMILIES["deepseek-r1-distill"]
+    template = family.template.replace(
+        "message['content'] is none %}", "message['tool_calls'] %}"
+    ).replace(
+        "message['content'] is not none %}",
+        "message['content'] is not none and not message['tool_calls'] %}",
+    )
+    tok = build(family, tokenizer)
+    tok.chat_template = template
+    messages, tools = conversation(family, "tool_call")
+    tokenized = ChatEncoder(tok, stop_tokens=list(family.stop)).encode(
+        [{"messages": messages, "tools": tools}], ["row"]
+    )[0]
+    call = (
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+        '```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜>'
+    )
+    assert trained_runs(tok, tokenized) == [call, TOOL_ANSWER + "<｜end▁of▁sentence｜>"]
+    assert tokenized.unstopped == 1
+    assert list(tokenized.input_ids) == template_ids(tok, family, messages, tools)

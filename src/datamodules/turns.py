@@ -62,6 +62,7 @@ class TemplateProfile:
     """What closes an assistant turn under a chat template and tokenizer."""
 
     specials: tuple[str, ...]  # the tokenizer's special tokens, longest first
+    atomic: tuple[str, ...]  # every added token, special or not: never split
     stops: tuple[str, ...]  # tokens generation stops on
     closers: tuple[str, ...]  # stops and the template's own end-of-turn tokens
     final: str | None  # what closes a conversation's last turn (generation stops on it)
@@ -76,8 +77,8 @@ class TemplateProfile:
         return best
 
     def token_start(self, text: str, pos: int) -> int:
-        """``pos``, or the start of the special token that ``pos`` falls inside."""
-        for token in self.specials:
+        """``pos``, or the start of the added token that ``pos`` falls inside."""
+        for token in self.atomic:
             at = text.rfind(token, max(0, pos - len(token) + 1), pos + len(token) - 1)
             if 0 <= at < pos < at + len(token):
                 return at
@@ -151,7 +152,8 @@ def profile(
         if final:
             finals.append(final)
     final = finals[0] if finals else (stops[0] if stops else None)
-    return TemplateProfile(specials, stops, tuple(closers), final)
+    atomic = tuple(sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len))
+    return TemplateProfile(specials, atomic[::-1], stops, tuple(closers), final)
 
 
 def _first_of(tokens: tuple[str, ...], text: str) -> str | None:
