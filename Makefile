@@ -13,7 +13,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train preview test test-fast lint format tensorboard data assets bench-data bench-train bench-dpo clean
+.PHONY: help install lock train preview check-template test test-fast lint format tensorboard data assets bench-data bench-train bench-dpo clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -40,6 +40,9 @@ train: $(STAMP) ## Train on the embedded default (CONFIG=configs/sft.yaml, ARGS=
 
 preview: $(STAMP) ## Data statistics and examples with the trained tokens marked (CONFIG=..., ARGS=...)
 	$(BIN)/python -m src.datamodules.preview --config $(CONFIG) $(ARGS)
+
+check-template: $(STAMP) ## Probe the chat template of CONFIG's tokenizer; fails on a wrong mask
+	$(BIN)/python -m src.datamodules.preview --check-template --config $(CONFIG) $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest -q $(ARGS)

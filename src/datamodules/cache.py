@@ -27,7 +27,15 @@ from src.datamodules.stats import SplitStats
 
 CODE_DIR = Path(__file__).parent
 # modules that do not change what is stored
-NOT_IN_KEY = {"cache.py", "collate.py", "preview.py", "stats.py", "streaming.py", "__init__.py"}
+NOT_IN_KEY = {
+    "cache.py",
+    "collate.py",
+    "preview.py",
+    "stats.py",
+    "streaming.py",
+    "template_check.py",
+    "__init__.py",
+}
 
 
 def code_version() -> str:
