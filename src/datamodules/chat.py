@@ -66,6 +66,17 @@ class Rendered:
     turns: list[Turn] = field(default_factory=list)
 
 
+@dataclass
+class Response:
+    """A response in the rendering of prompt + response: the text before it, its text, and
+    the spans of it to train."""
+
+    prompt: str
+    text: str
+    spans: list[tuple[int, int]]
+    rendered: Rendered
+
+
 class ChatRenderer:
     """Renders conversations with the tokenizer's chat template.
 
@@ -278,7 +289,7 @@ class ChatEncoder:
         append = None
         if turns and turns[-1].open and turns[-1].end == len(text.rstrip()):
             append = self.profile.final  # a last turn the template leaves open (GLM-4.5)
-        unstopped = sum(t.closer is None for t in turns) - (append is not None)
+        unstopped = max(0, sum(t.closer is None for t in turns) - (append is not None))
         dropped = dropped_parts(messages, text, turns)
         if self.train_on == "all":
             spans = [(0, len(text))]
@@ -290,15 +301,21 @@ class ChatEncoder:
 
     def split_response(
         self, prompt: list[Message], response: list[Message], tools: Any = None
-    ) -> tuple[str, str]:
+    ) -> Response:
         """The text of ``prompt`` and of the ``response`` that follows it in the rendering
-        of both: the response's turns through their stop token, as in SFT labels."""
+        of both, with the spans of the response to train (its assistant turns through their
+        stop token, as in SFT labels; not the tool results between them)."""
         rendered = self.render_example({"messages": [*prompt, *response], "tools": tools})
         first = sum(m["role"] == "assistant" for m in prompt)
-        if len(rendered.turns) <= first:
+        turns = rendered.turns[first:]
+        if not turns:
             raise ValueError("the response holds no assistant message")
-        start, end = rendered.turns[first].start, rendered.turns[-1].end
-        return rendered.text[:start], rendered.text[start:end] + (rendered.append or "")
+        start, end = turns[0].start, turns[-1].end
+        text = rendered.text[start:end] + (rendered.append or "")
+        spans = [(t.start - start, t.end - start) for t in turns]
+        if rendered.append:
+            spans[-1] = (spans[-1][0], len(text))
+        return Response(rendered.text[:start], text, spans, rendered)
 
     @cached_property
     def frame(self) -> Any:
@@ -322,7 +339,7 @@ class ChatEncoder:
                 stop_id = self.tokenizer.convert_tokens_to_ids(r.append)
                 ids, labels = [*ids, stop_id], [*labels, stop_id]
                 appended = r.append
-            out.append(Tokenized(ids, labels, r.dropped, max(r.unstopped, 0), appended))
+            out.append(Tokenized(ids, labels, r.dropped, r.unstopped, appended))
         return out
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:

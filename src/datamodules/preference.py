@@ -6,11 +6,22 @@ from functools import cached_property
 from typing import Any
 
 from src.datamodules.base import BaseDataModule, Columns, Example
-from src.datamodules.chat import IGNORE_INDEX, ChatEncoder, Message, encode_texts, row_errors
+from src.datamodules.chat import (
+    IGNORE_INDEX,
+    ChatEncoder,
+    Message,
+    Response,
+    encode_texts,
+    encode_with_offsets,
+    labels_for_spans,
+    row_errors,
+)
 from src.datamodules.collate import PreferenceCollator
 from src.datamodules.formats import to_preference
 from src.datamodules.records import DataError, Record
 from src.datamodules.stats import SplitStats
+
+Encoded = tuple[list[int], list[int]]  # a response's ids and labels
 
 
 class PreferenceDataModule(BaseDataModule):
@@ -49,26 +60,27 @@ class PreferenceDataModule(BaseDataModule):
     def encode_chunk(
         self, examples: list[Example], wheres: list[str]
     ) -> tuple[Columns, SplitStats]:
-        prompts, chosen, rejected = [], [], []
+        prompts: list[str] = []
+        sides: dict[str, list[Response]] = {"chosen": [], "rejected": []}
+        stats = SplitStats()
         for example, where in zip(examples, wheres, strict=True):
             tools = example.get("tools")
-            texts = {}
-            for side in ("chosen", "rejected"):
+            for side, out in sides.items():
                 with row_errors(where):
-                    texts[side] = self.encoder.split_response(
-                        example["prompt"], example[side], tools
-                    )
-            if texts["chosen"][0] != texts["rejected"][0]:
+                    out.append(self.encoder.split_response(example["prompt"], example[side], tools))
+            chosen, rejected = sides["chosen"][-1], sides["rejected"][-1]
+            if chosen.prompt != rejected.prompt:
                 raise DataError(
                     f"{where}: the chat template renders the prompt differently before the "
                     "chosen and the rejected response, so the pair cannot share prompt tokens"
                 )
-            prompts.append(texts["chosen"][0])
-            chosen.append(texts["chosen"][1])
-            rejected.append(texts["rejected"][1])
-        ids = encode_texts(self.tokenizer, prompts + chosen + rejected)
-        n = len(examples)
-        stats = SplitStats()
+            prompts.append(chosen.prompt)
+            stats.note_template(chosen.rendered)
+        prompt_ids = encode_texts(self.tokenizer, prompts)
+        encoded = {
+            side: encode_with_offsets(self.tokenizer, [r.text for r in responses])
+            for side, responses in sides.items()
+        }
         columns: Columns = {
             k: []
             for k in (
@@ -79,37 +91,40 @@ class PreferenceDataModule(BaseDataModule):
                 "loss_weight",
             )
         }
-        for i in range(n):
-            prompt_ids = list(ids[i])
+        for i, example in enumerate(examples):
+            prompt = list(prompt_ids[i])
             if self.encoder.needs_bos(prompts[i]):
-                prompt_ids.insert(0, self.encoder.bos_id)
-            responses = {"chosen": list(ids[n + i]), "rejected": list(ids[2 * n + i])}
-            if responses["chosen"] == responses["rejected"]:
+                prompt.insert(0, self.encoder.bos_id)
+            responses = {}
+            for side in sides:
+                ids, offsets = encoded[side][i]
+                responses[side] = (list(ids), labels_for_spans(ids, offsets, sides[side][i].spans))
+            if responses["chosen"][0] == responses["rejected"][0]:
                 stats.drop("with identical chosen and rejected responses")
                 continue
-            if not all(responses.values()):
+            if not all(ids for ids, _ in responses.values()):
                 stats.drop("with an empty response")
                 continue
-            prompt_ids, responses = self._fit(prompt_ids, responses, stats)
-            if responses["chosen"] == responses["rejected"]:
+            prompt, responses = self._fit(prompt, responses, stats)
+            if responses["chosen"][0] == responses["rejected"][0]:
                 stats.drop("with chosen and rejected identical after truncation")
                 continue
             stats.examples += 1
-            weight = examples[i].get("loss_weight", 1.0)
+            weight = example.get("loss_weight", 1.0)
             stats.loss_weighted += weight != 1.0
             columns["loss_weight"].append(weight)
-            for side, response in responses.items():
-                columns[f"{side}_input_ids"].append(prompt_ids + response)
-                columns[f"{side}_labels"].append([IGNORE_INDEX] * len(prompt_ids) + response)
-                stats.tokens += len(prompt_ids) + len(response)
-                stats.trained_tokens += len(response)
+            for side, (ids, labels) in responses.items():
+                columns[f"{side}_input_ids"].append(prompt + ids)
+                columns[f"{side}_labels"].append([IGNORE_INDEX] * len(prompt) + labels)
+                stats.tokens += len(prompt) + len(ids)
+                stats.trained_tokens += sum(label != IGNORE_INDEX for label in labels)
         return columns, stats
 
     def _fit(
-        self, prompt: list[int], responses: dict[str, list[int]], stats: SplitStats
-    ) -> tuple[list[int], dict[str, list[int]]]:
+        self, prompt: list[int], responses: dict[str, Encoded], stats: SplitStats
+    ) -> tuple[list[int], dict[str, Encoded]]:
         """Truncate a too-long pair: the prompt keeps its end, the responses their start."""
-        longest = max(map(len, responses.values()))
+        longest = max(len(ids) for ids, _ in responses.values())
         if len(prompt) + longest <= self.max_length:
             return prompt, responses
         stats.truncated += 1
@@ -119,7 +134,9 @@ class PreferenceDataModule(BaseDataModule):
             has_bos = bos_id is not None and prompt[0] == bos_id
             prompt = prompt[:1] + prompt[len(prompt) - keep + 1 :] if has_bos else prompt[-keep:]
         room = self.max_length - len(prompt)
-        return prompt, {side: r[:room] for side, r in responses.items()}
+        return prompt, {
+            side: (ids[:room], labels[:room]) for side, (ids, labels) in responses.items()
+        }
 
     def collator(self) -> PreferenceCollator:
         return PreferenceCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)

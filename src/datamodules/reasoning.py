@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import jinja2
 
-from src.datamodules.turns import RenderFn, Turn, content_text
+from src.datamodules.turns import RenderFn, Turn, content_text, tool_names
 
 Reasoning = Literal["template", "strip", "keep_last", "keep_all"]
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
@@ -56,10 +56,13 @@ def messages_for(messages: list[Message], policy: Reasoning) -> list[Message]:
 
 @dataclass(frozen=True)
 class Frame:
-    """How the template writes reasoning before an answer: ``open + reasoning + close``."""
+    """How the template writes reasoning before an answer: ``open + reasoning + close``;
+    ``close`` is ``core`` and the header of the answer that follows (gpt-oss:
+    ``<|end|><|start|>assistant`` then ``<|channel|>final<|message|>``)."""
 
     open: str = "<think>\n"
     close: str = "\n</think>\n\n"
+    core: str = "\n</think>\n\n"
 
 
 def learn_frame(render: RenderFn) -> Frame:
@@ -69,6 +72,7 @@ def learn_frame(render: RenderFn) -> Frame:
     try:
         prompt = render(user, add_generation_prompt=True)
         text = render([*user, {"role": "assistant", "content": answer, "thinking": reasoning}])
+        plain = render([*user, {"role": "assistant", "content": answer}])
     except (jinja2.TemplateError, ValueError, TypeError):
         return Frame()
     if not text.startswith(prompt):
@@ -77,7 +81,20 @@ def learn_frame(render: RenderFn) -> Frame:
     r, a = body.find(reasoning), body.find(answer)
     if not 0 <= r < a:
         return Frame()
-    return Frame(body[:r], body[r + len(reasoning) : a])
+    close = body[r + len(reasoning) : a]
+    header = plain[len(prompt) : plain.find(answer)] if plain.startswith(prompt) else ""
+    core = close[: len(close) - len(header)] if header and close.endswith(header) else close
+    return Frame(body[:r], close, core)
+
+
+def _answer_start(text: str, turn: Turn, message: Message) -> int:
+    """Where the turn's content (else its first tool call, else its closing token) starts."""
+    limit = turn.end - len(turn.closer) if turn.closer else turn.end
+    for anchor in (content_text(message), *tool_names(message)[:1]):
+        pos = text.rfind(anchor, turn.start, limit) if anchor else -1
+        if pos >= 0:
+            return pos
+    return limit
 
 
 def splice(
@@ -94,16 +111,16 @@ def splice(
         turn, reasoning = out[k], reasoning_of(assistants[k])
         if not reasoning or reasoning in text[turn.start : turn.end]:
             continue
-        content = content_text(assistants[k])
-        pos = text.rfind(content, turn.start, turn.end) if content else -1
-        pos = turn.start if pos < 0 else pos
+        pos = _answer_start(text, turn, assistants[k])
         pre, block = text[turn.start : pos], frame.open + reasoning + frame.close
-        if pre.endswith(frame.open + frame.close):  # an empty block (GLM): fill it
-            new = pre[: len(pre) - len(frame.open + frame.close)] + block
-        elif frame.close.endswith(pre):  # gpt-oss: the close ends with the final header
+        empty = frame.open + frame.close
+        if empty in pre:  # an empty block (GLM): fill it
+            at = pre.index(empty)
+            new = pre[:at] + block + pre[at + len(empty) :]
+        elif frame.close.endswith(pre):  # the answer's own header (gpt-oss's final), or none
             new = block
-        else:
-            new = block + pre
+        else:  # something else opens the turn (a tool call): reasoning, then it
+            new = frame.open + reasoning + frame.core + pre
         text = text[: turn.start] + new + text[pos:]
         delta = len(new) - len(pre)
         skip = len(turn.lead) if turn.lead and new.startswith(turn.lead) else 0

@@ -26,17 +26,19 @@ class SplitStats:
     def count(self, what: str, n: int = 1) -> None:
         self.filtered[what] = self.filtered.get(what, 0) + n
 
-    def note_template(self, tokenized: Any) -> None:
-        """Count what the chat template dropped from an example, or left unclosed."""
-        for part in tokenized.dropped:
+    def note_template(self, example: Any) -> None:
+        """Count what the chat template dropped from an example (a ``Tokenized`` or a
+        ``Rendered``), or left unclosed."""
+        for part in example.dropped:
             self._note(f"conversations whose {part} the chat template dropped")
-        if tokenized.unstopped:
+        if example.unstopped:
             self._note(
                 "assistant turns with no token generation stops on (set data.stop_token)",
-                tokenized.unstopped,
+                example.unstopped,
             )
-        if tokenized.appended:
-            self._note(f"last turns the template leaves open, closed with {tokenized.appended}")
+        appended = getattr(example, "appended", None) or getattr(example, "append", None)
+        if appended:
+            self._note(f"last turns the template leaves open, closed with {appended}")
 
     def _note(self, what: str, n: int = 1) -> None:
         self.template[what] = self.template.get(what, 0) + n

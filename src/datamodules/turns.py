@@ -207,8 +207,9 @@ def tool_names(message: Message) -> list[str]:
 
 
 def anchors(message: Message) -> list[str]:
-    """Text the rendering of an assistant turn holds near its end, most specific first."""
-    return [a for a in (content_text(message), *reversed(tool_names(message))) if a]
+    """Text the rendering of an assistant turn holds near its end: its last tool call's
+    name (templates write calls after the text), then its content."""
+    return [a for a in (*reversed(tool_names(message)), content_text(message)) if a]
 
 
 class TurnFinder:
@@ -224,6 +225,7 @@ class TurnFinder:
     ) -> None:
         self.render, self.prof, self.messages, self.text = render, prof, messages, text
         self.tools = tools
+        self._through: dict[int, int | None] = {}
 
     def turns(self) -> list[Turn]:
         """Every assistant turn, in order. Raises ``ValueError`` when one cannot be located."""
@@ -244,38 +246,69 @@ class TurnFinder:
     def _start(self, i: int, cursor: int) -> tuple[int, str]:
         text = self.text
         prefix = self._render(self.messages[:i], gen=True)
-        if prefix is not None:
-            shared = common_prefix(prefix, text)
-            if shared == len(prefix) and shared >= cursor:
-                return shared, ""
-            base = self._render(self.messages[:i])
-            if (
-                base is not None
-                and prefix.startswith(base)
-                and text.startswith(base)
-                and shared > max(len(base), cursor)
-            ):  # the generation prompt opens what the whole rendering lacks (R1's <think>)
-                start = self.prof.token_start(text, shared)
-                return start, prefix[start:]
-        return self._search_start(i, cursor), ""
+        if prefix is None:
+            return self._search_start(i, cursor, None), ""
+        shared = common_prefix(prefix, text)
+        if shared == len(prefix) and shared >= cursor:
+            return shared, ""
+        base = self._render(self.messages[:i])
+        if (
+            base is not None
+            and prefix.startswith(base)
+            and text.startswith(base)
+            and shared > max(len(base), cursor)
+        ):  # the generation prompt opens what the whole rendering lacks (R1's <think>):
+            # the turn starts where they part, never inside a token of either
+            start = min(self.prof.token_start(text, shared), self.prof.token_start(prefix, shared))
+            return start, prefix[start:]
+        return self._search_start(i, cursor, prefix), ""
 
-    def _search_start(self, i: int, cursor: int) -> int:
-        """The last place of the turn's content before its end: not an echo of it in the
-        prompt (Mistral v0.3 moves the system message into the last user turn)."""
+    def _search_start(self, i: int, cursor: int, prefix: str | None) -> int:
+        """Where the turn starts when the prompt renders differently in the whole (Mistral
+        v0.3 moves the system prompt into the last user turn; gpt-oss drops a tool call's
+        analysis once a final answer follows): after the previous message's text and what
+        the generation prompt writes after it, else before the turn's content."""
         text, message = self.text, self.messages[i]
         limit = self._through_end(i) or len(text)
         content = content_text(message)
         pos = text.rfind(content, cursor, limit) if content and limit > cursor else -1
         if pos < 0 and content:
             pos = text.find(content, cursor)
-        if pos >= 0:
+        if pos < 0:  # a tool call turn: before the last place of its first call's name
+            names = [text.rfind(n, cursor, limit) for n in tool_names(message)[:1]]
+            pos = min((p for p in names if p >= 0), default=-1)
+        after_previous = self._after_previous(i, cursor, prefix, pos if pos >= 0 else limit)
+        if after_previous is not None:
+            return after_previous
+        if pos >= 0 and content and text.startswith(content, pos):
             return max(cursor, len(text[:pos].rstrip(" ")))  # "[/INST] 42": " " is written
         raise ValueError(f"assistant message {i} is not in the chat template's rendering")
+
+    def _after_previous(self, i: int, cursor: int, prefix: str | None, hi: int) -> int | None:
+        """The end of the generation prompt in the whole: the previous message's text, then
+        what the generation prompt writes after it (``[/INST]``, ``<|start|>assistant``)."""
+        if prefix is None:
+            return None
+        previous = next(
+            (content_text(m) for m in reversed(self.messages[:i]) if content_text(m)), ""
+        )
+        if not previous or previous not in prefix:
+            return None
+        tail = prefix[prefix.rfind(previous) + len(previous) :]
+        at = self.text.rfind(previous, cursor, hi)
+        if not tail.strip() or at < 0 or not self.text.startswith(tail, at + len(previous)):
+            return None
+        return at + len(previous) + len(tail)
 
     def _through_end(self, i: int) -> int | None:
         """Where the rendering of the conversation through turn ``i`` stops in the whole,
         less what a template writes only to close a conversation (Phi-3's EOS, an open
         header): None when the two renderings differ in the turn's own text."""
+        if i not in self._through:
+            self._through[i] = self._find_through_end(i)
+        return self._through[i]
+
+    def _find_through_end(self, i: int) -> int | None:
         through = self._render(self.messages[: i + 1])
         if through is None:
             return None
@@ -286,11 +319,14 @@ class TurnFinder:
         return shared if not rest.strip() else None
 
     def _bound(self, i: int, start: int) -> int:
-        """A place the turn cannot reach past: where the next message's content starts."""
+        """A place the turn cannot reach past: where the rendering through it stops, else
+        where the next message's content (or its rendering's agreement with the whole)
+        stops."""
         text = self.text
         through = self._through_end(i)
         if through is not None and through > start:
             return through
+        bounds = [len(text)]
         if i + 1 < len(self.messages):
             content = content_text(self.messages[i + 1])
             nxt = self._render(self.messages[: i + 2])
@@ -298,21 +334,38 @@ class TurnFinder:
             pos = text.rfind(content, start, limit) if content else -1
             if pos < 0 and content:
                 pos = text.find(content, start)
-            if pos > start:
-                return pos
-        return len(text)
+            # the next content, else where the rendering through it stops agreeing (a
+            # template that writes content parts as "")
+            bounds.append(pos if pos > start else limit if limit > start else len(text))
+        return min(bounds)
 
     def _stop(self, i: int, start: int, lead: str) -> Turn:
-        text = self.text
+        """Through the first closing token after the turn's last anchor (its last tool call,
+        else its content) that has one before ``bound``: an anchor's text may recur in the
+        next header (an answer ``a`` in ``<|im_start|>``)."""
+        text, message = self.text, self.messages[i]
         bound = self._bound(i, start)
-        after = start
-        for anchor in anchors(self.messages[i]):
-            pos = text.rfind(anchor, start, bound)
-            if pos >= 0:
-                after = pos + len(anchor)
-                break
-        found = self.prof.first_closer(text, after, bound)
-        if found is not None:
+        seen = False  # an anchor is in the turn (else the template dropped them all)
+        for anchor in anchors(message):
+            hi = bound
+            while (pos := text.rfind(anchor, start, hi)) >= 0:
+                seen = True
+                found = self.prof.first_closer(text, pos + len(anchor), bound)
+                if found is not None:
+                    return Turn(start, found[0] + len(found[1]), found[1], lead)
+                hi = pos + len(anchor) - 1
+        found = self.prof.first_closer(text, start, bound)
+        if found is not None and not seen:
             return Turn(start, found[0] + len(found[1]), found[1], lead)
         end = max(start, len(text[:bound].rstrip()))
-        return Turn(start, end, None, lead, open=not text[after:end].strip())
+        after = _anchor_end(text, anchors(message), start, end)
+        is_open = not text[after:end].strip() or bool(tool_names(message))
+        return Turn(start, end, None, lead, open=is_open)
+
+
+def _anchor_end(text: str, found: list[str], lo: int, hi: int) -> int:
+    for anchor in found:
+        pos = text.rfind(anchor, lo, hi)
+        if pos >= 0:
+            return pos + len(anchor)
+    return lo
