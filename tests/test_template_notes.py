@@ -3,6 +3,8 @@ pairs and after a last turn the template leaves open."""
 
 from __future__ import annotations
 
+import pytest
+
 from src.datamodules import PreferenceDataModule, SFTDataModule
 from tests.conftest import conversation, save_chat_tokenizer, write_jsonl
 
@@ -62,7 +64,8 @@ def test_the_summary_counts_conversations_whose_system_prompt_was_dropped(tokeni
     tok = save_chat_tokenizer(tokenizer, tmp_path / "tok", SYSTEM_ON_LAST_USER)
     rows = [conversation("Say hi.", "hi", system="Be brief.") for _ in range(3)]
     rows.append(conversation("Say yo.", "yo"))
-    summary = sft(tmp_path, tok, rows).stats["train"].summary("train")
+    with pytest.warns(UserWarning, match="--check-template"):
+        summary = sft(tmp_path, tok, rows).stats["train"].summary("train")
     assert "3 conversations whose system prompt the chat template dropped" in summary
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import datasets
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -239,6 +239,12 @@ class BaseDataModule(pl.LightningDataModule):
             self._prepare_and_cache()
         for split, stats in self.stats.items():
             rank_zero_info(f"[data] {stats.summary(split)}")
+        if any(stats.template for stats in self.stats.values()):
+            rank_zero_warn(
+                "[data] the chat template dropped part of some conversations or left turns "
+                "without a stop token (see the data summary); `python -m "
+                "src.datamodules.preview --check-template --config ...` shows how it renders"
+            )
         if not self.streaming and self.stats["train"].examples == 0:
             raise DataError(
                 "no training examples left after preparation "
