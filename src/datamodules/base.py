@@ -231,6 +231,7 @@ class BaseDataModule(pl.LightningDataModule):
         if self.cache_path is not None and not cache.exists(self.cache_path):
             self._prepare_and_cache()
             self.datasets = {}  # setup loads and reports it, like every other rank
+            self._prepared_here = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -239,6 +240,11 @@ class BaseDataModule(pl.LightningDataModule):
             self._prepare_and_cache()
         for split, stats in self.stats.items():
             rank_zero_info(f"[data] {stats.summary(split)}")
+        for split, stats in self.stats.items():
+            warning = stats.truncation_warning(split, self.max_length)
+            if warning:
+                rank_zero_warn(warning)
+        self._warn_if_no_validation()
         if any(stats.template for stats in self.stats.values()):
             rank_zero_warn(
                 "[data] the chat template dropped part of some conversations or left turns "
@@ -250,6 +256,22 @@ class BaseDataModule(pl.LightningDataModule):
                 "no training examples left after preparation "
                 f"({self.stats['train'].summary('train')})"
             )
+
+    def _warn_if_no_validation(self) -> None:
+        val = self.stats.get("val")
+        if (
+            val is None
+            or val.examples
+            or self.streaming
+            or (not self.val_sources and not self.val_split)
+        ):
+            return
+        held_out = "val_files" if self.val_sources else f"val_split {self.val_split}"
+        rank_zero_warn(
+            f"[data] val: no validation examples ({held_out} holds none: "
+            f"{val.summary('val')}); there will be no val/loss. Give val_files, or val_split "
+            "as a number of examples"
+        )
 
     @cached_property
     def cache_path(self) -> Path | None:
@@ -289,7 +311,10 @@ class BaseDataModule(pl.LightningDataModule):
         self.val_examples = extras["val_examples"]
         if self.streaming:
             self.datasets["train"] = StreamingDataset(self, skip=extras["held_out"])
-        rank_zero_info(f"[data] prepared data loaded from the cache {self.cache_path}")
+        if getattr(self, "_prepared_here", False):
+            rank_zero_info(f"[data] prepared and cached in {self.cache_path}")
+        else:
+            rank_zero_info(f"[data] prepared data loaded from the cache {self.cache_path}")
         return True
 
     def _prepare_and_cache(self) -> None:

@@ -52,6 +52,7 @@ class Tokenized:
     dropped: tuple[str, ...] = ()  # what the chat template left out of the conversation
     unstopped: int = 0  # assistant turns trained without a token generation stops on
     appended: str | None = None  # the stop token put after a last turn left open
+    empty_turns: int = 0  # assistant turns with nothing to say, not trained
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Rendered:
     dropped: tuple[str, ...] = ()
     unstopped: int = 0
     turns: list[Turn] = field(default_factory=list)
+    empty_turns: int = 0
 
 
 @dataclass
@@ -291,13 +293,19 @@ class ChatEncoder:
             append = self.profile.final  # a last turn the template leaves open (GLM-4.5)
         unstopped = max(0, sum(t.closer is None for t in turns) - (append is not None))
         dropped = dropped_parts(messages, text, turns)
+        # an assistant turn with nothing to say would teach the model to stop at once
+        assistants = [m for m in messages if m["role"] == "assistant"]
+        empty = [_is_empty(m) for m in assistants]
+        last_empty = bool(empty) and empty[-1]
         if self.train_on == "all":
             spans = [(0, len(text))]
         else:
-            spans = [(t.start, t.end) for t in turns]
+            spans = [(t.start, t.end) for t, e in zip(turns, empty, strict=True) if not e]
             if self.train_on == "last_assistant":
-                spans = spans[-1:]
-        return Rendered(text, spans, append, dropped, unstopped, turns)
+                spans = [] if last_empty else spans[-1:]
+            if last_empty:
+                append = None
+        return Rendered(text, spans, append, dropped, unstopped, turns, sum(empty))
 
     def split_response(
         self, prompt: list[Message], response: list[Message], tools: Any = None
@@ -339,7 +347,7 @@ class ChatEncoder:
                 stop_id = self.tokenizer.convert_tokens_to_ids(r.append)
                 ids, labels = [*ids, stop_id], [*labels, stop_id]
                 appended = r.append
-            out.append(Tokenized(ids, labels, r.dropped, r.unstopped, appended))
+            out.append(Tokenized(ids, labels, r.dropped, r.unstopped, appended, r.empty_turns))
         return out
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
@@ -357,6 +365,11 @@ def _without_mode_flags(text: str) -> str:
     for flag in MODE_FLAGS:
         text = text.replace(flag, "")
     return max((line.strip() for line in text.splitlines()), key=len, default="")
+
+
+def _is_empty(message: Message) -> bool:
+    """An assistant message with no content, no tool call and no reasoning."""
+    return not (content_text(message) or message.get("tool_calls") or reasoning_of(message))
 
 
 def generation_stop_ids(

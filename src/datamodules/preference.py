@@ -105,6 +105,7 @@ class PreferenceDataModule(BaseDataModule):
             if not all(ids for ids, _ in responses.values()):
                 stats.drop("with an empty response")
                 continue
+            stats.record_length(len(prompt) + max(len(ids) for ids, _ in responses.values()))
             prompt, responses = self._fit(prompt, responses, stats)
             if responses["chosen"][0] == responses["rejected"][0]:
                 stats.drop("with chosen and rejected identical after truncation")

@@ -74,6 +74,7 @@ class SFTDataModule(BaseDataModule):
         encoded = self.encoder.encode(examples, wheres)
         for example, tok in zip(examples, encoded, strict=True):
             stats.note_template(tok)
+            stats.record_length(len(tok.input_ids))
             reason = self.filters.token_verdict(len(tok.input_ids))
             if reason:
                 stats.drop(reason)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+LENGTH_BIN = 64  # tokens: the resolution of the length histogram and of suggestions
+TRUNCATION_WARN = 0.05  # share of truncated examples above which preparation warns
+
 
 @dataclass
 class SplitStats:
@@ -17,6 +20,7 @@ class SplitStats:
     dropped: dict[str, int] = field(default_factory=dict)
     filtered: dict[str, int] = field(default_factory=dict)
     template: dict[str, int] = field(default_factory=dict)  # what the chat template did
+    lengths: dict[int, int] = field(default_factory=dict)  # examples per LENGTH_BIN of tokens
     packed_rows: int = 0
     row_length: int = 0
 
@@ -39,6 +43,34 @@ class SplitStats:
         appended = getattr(example, "appended", None) or getattr(example, "append", None)
         if appended:
             self._note(f"last turns the template leaves open, closed with {appended}")
+        if example.empty_turns:
+            self._note("empty assistant turns, not trained", example.empty_turns)
+
+    def record_length(self, n: int) -> None:
+        """Count an example of ``n`` tokens (before truncation), by bins of ``LENGTH_BIN``."""
+        key = max(0, n - 1) // LENGTH_BIN
+        self.lengths[key] = self.lengths.get(key, 0) + 1
+
+    def length_covering(self, share: float) -> int | None:
+        """The smallest multiple of ``LENGTH_BIN`` that holds ``share`` of the examples."""
+        total, seen = sum(self.lengths.values()), 0
+        for key in sorted(self.lengths):
+            seen += self.lengths[key]
+            if seen >= share * total:
+                return (key + 1) * LENGTH_BIN
+        return None
+
+    def truncation_warning(self, split: str, max_length: int) -> str | None:
+        """A warning when more than ``TRUNCATION_WARN`` of the examples were truncated."""
+        counted = sum(self.lengths.values())
+        if not counted or self.truncated <= TRUNCATION_WARN * counted:
+            return None
+        keep = self.length_covering(0.99)
+        return (
+            f"[data] {split}: {self.truncated} of {counted} examples "
+            f"({self.truncated / counted:.1%}) are longer than max_length {max_length} and "
+            f"were truncated; max_length {keep} would keep 99% of them whole"
+        )
 
     def _note(self, what: str, n: int = 1) -> None:
         self.template[what] = self.template.get(what, 0) + n
@@ -59,6 +91,8 @@ class SplitStats:
             self.count(what, n)
         for what, n in other.template.items():
             self._note(what, n)
+        for key, n in other.lengths.items():
+            self.lengths[key] = self.lengths.get(key, 0) + n
 
     @property
     def packing_efficiency(self) -> float | None:
