@@ -36,6 +36,7 @@ from src.datamodules.collate import Collator
 from src.datamodules.filters import Filters, example_hash, scrub
 from src.datamodules.reasoning import Reasoning
 from src.datamodules.records import DataError, Record
+from src.datamodules.registry import read_registry
 from src.datamodules.sources import (
     MixMode,
     Source,
@@ -85,6 +86,8 @@ class BaseDataModule(pl.LightningDataModule):
             list of them or of sources with ``path``, ``weight``, ``format``, ``columns``...
         val_files: Validation data, in the same forms; without it ``val_split`` of the
             training examples is held out.
+        datasets: A dataset registry file naming datasets and the train (and val) mix (see
+            ``registry.py``); when given, it replaces ``train_files`` and ``val_files``.
         val_split: Held-out share: a fraction below 1, or a number of examples from 1 up.
         stratify_by: Hold out the same share of every group: a column name, or ``length``
             (ten length quantiles).
@@ -123,6 +126,7 @@ class BaseDataModule(pl.LightningDataModule):
         tokenizer: str,
         train_files: str | list[str | Source] | None = None,
         val_files: str | list[str | Source] | None = None,
+        datasets: str | None = None,
         val_split: float = 0.05,
         stratify_by: str | None = None,
         format: str = "auto",
@@ -150,6 +154,12 @@ class BaseDataModule(pl.LightningDataModule):
         self.tokenizer_name_or_path = tokenizer
         self.train_sources = self._sources(train_files, hub_config, hub_split, columns)
         self.val_sources = self._sources(val_files, hub_config, hub_split, columns)
+        if datasets:
+            self.train_sources, self.val_sources = read_registry(datasets)
+            for source in (*self.train_sources, *self.val_sources):
+                if columns and not source.columns:
+                    source.columns = dict(columns)
+            rank_zero_info(f"[data] the mix of {datasets} (in place of train_files, val_files)")
         self.val_split = val_split
         self.stratify_by = stratify_by
         self.format = format
