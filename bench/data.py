@@ -9,6 +9,12 @@ best-fit-decreasing into rows of ``--max-length`` and train on the assistant tur
   completion-only loss path), ``packing_strategy="bfd"``, with ``datasets`` caching off.
 
 Run from the repository root: ``python bench/data.py [--n 20000] [--repeats 3]``.
+
+``--file PATH [--format alpaca]`` runs the same comparison on a file of yours instead of
+synthetic data, in any format ``SFTDataModule`` reads (``auto`` by default; ``--help`` lists
+them): ours reads the file, TRL gets its rows as our format conversion gives them
+(conversations split before the last assistant turn into prompt/completion; text rows as
+``{"text": ...}``).
 """
 
 from __future__ import annotations
@@ -106,6 +112,40 @@ def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
 
 
+def read_examples(path: Path, fmt: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The rows of a file of any SFT format as our canonical examples (as ``SFTDataModule``
+    converts them), and how many rows of each format it holds."""
+    from collections import Counter
+
+    from src.datamodules.formats import CHAT_FORMATS, detect_format, to_sft_example
+    from src.datamodules.sources import Source
+
+    examples, formats = [], Counter()
+    for record in Source(path=str(path)).records(0):
+        examples.append(to_sft_example(record, fmt))
+        name = fmt
+        if fmt == "auto":
+            name = detect_format(record.row, record.where, (*CHAT_FORMATS, "text"))
+        formats[name] += 1
+    return examples, dict(formats)
+
+
+def to_trl_row(example: dict[str, Any]) -> dict[str, Any] | None:
+    """TRL's form of one of our examples: text as ``{"text": ...}``; a conversation as
+    prompt/completion split before its last assistant turn (None without one: ours drops
+    it too)."""
+    if "text" in example:
+        return {"text": example["text"]}
+    messages = example["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return None
+    row = {"prompt": messages[:last], "completion": messages[last : last + 1]}
+    if example.get("tools"):
+        row["tools"] = example["tools"]
+    return row
+
+
 # --------------------------------------------------------------------------- metrics
 def _flat(ds: Any, column: str) -> pa.Array:
     """The values of a list column of a ``datasets.Dataset``, flattened (no copy to Python)."""
@@ -130,7 +170,9 @@ def naive_efficiency(lengths: list[int], batch_size: int) -> float:
 
 
 # ------------------------------------------------------------------------------ paths
-def run_ours(jsonl: Path, max_length: int, packing: bool = True) -> tuple[float, Any]:
+def run_ours(
+    jsonl: Path, max_length: int, packing: bool = True, fmt: str = "auto"
+) -> tuple[float, Any]:
     from src.datamodules import SFTDataModule
 
     gc.collect()
@@ -138,6 +180,7 @@ def run_ours(jsonl: Path, max_length: int, packing: bool = True) -> tuple[float,
     dm = SFTDataModule(
         tokenizer=str(TOKENIZER),
         train_files=str(jsonl),
+        format=fmt,
         val_split=0,
         max_length=max_length,
         packing=packing,
@@ -214,13 +257,29 @@ def trl_single(trainer: Any, args: Any, row: dict[str, Any]) -> dict[str, list[i
 # ------------------------------------------------------------------------------- main
 def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # interleave with the [data] log lines
+    from src.datamodules.formats import CHAT_FORMATS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20000, help="conversations")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--file",
+        type=Path,
+        default=None,
+        help="run on this file instead of synthetic data (--n and --seed are then unused)",
+    )
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", *CHAT_FORMATS, "text"),  # what SFTDataModule reads
+        help="the row format of --file",
+    )
     opts = parser.parse_args()
+    if opts.file is not None and not opts.file.exists():
+        parser.error(f"--file {opts.file}: no such file or directory")
 
     import datasets
     import transformers
@@ -232,22 +291,55 @@ def main() -> None:
     import trl
 
     from src.datamodules.chat import tokenize_conversation
+    from src.datamodules.turns import content_text
 
     tmp = tempfile.mkdtemp(prefix="bench-data-")
-    jsonl = Path(tmp) / "train.jsonl"
-    conversations = make_conversations(opts.n, opts.seed)
-    with jsonl.open("w") as f:
-        for row in conversations:
-            f.write(json.dumps(row) + "\n")
-    trl_rows = [to_prompt_completion(r) for r in conversations]
-    words = [len(m["content"].split()) for r in conversations for m in r["messages"][-1:]]
+    multi_turn = 0
+    if opts.file is None:
+        jsonl = Path(tmp) / "train.jsonl"
+        conversations = make_conversations(opts.n, opts.seed)
+        with jsonl.open("w") as f:
+            for row in conversations:
+                f.write(json.dumps(row) + "\n")
+        trl_rows = [to_prompt_completion(r) for r in conversations]
+        described = f"{opts.n} conversations (seed {opts.seed})"
+    else:
+        jsonl = opts.file
+        examples, formats = read_examples(jsonl, opts.format)
+        paired = [(e, r) for e in examples if (r := to_trl_row(e)) is not None]
+        if not paired:
+            sys.exit(f"{jsonl}: no row with an assistant turn or a text to train on")
+        if len({"text" in r for _, r in paired}) > 1:
+            sys.exit(f"{jsonl}: text rows and conversations mixed; TRL takes one kind at a time")
+        conversations = [e for e, _ in paired]
+        trl_rows = [r for _, r in paired]
+        multi_turn = sum(
+            sum(m["role"] == "assistant" for m in e.get("messages", ())) > 1 for e in conversations
+        )
+        kinds = ", ".join(f"{n} {name}" for name, n in sorted(formats.items()))
+        described = (
+            f"{len(examples)} rows of {jsonl} ({kinds}; format {opts.format}), "
+            f"{len(trl_rows)} with something to train on"
+        )
+    words = [
+        len((r["text"] if "text" in r else content_text(r["completion"][-1])).split())
+        for r in trl_rows
+    ]
+    size = sum(p.stat().st_size for p in ([jsonl] if jsonl.is_file() else jsonl.rglob("*")))
     print(
-        f"{opts.n} conversations (seed {opts.seed}), assistant words: median "
+        f"{described}, {'text' if 'text' in conversations[0] else 'assistant'} words: median "
         f"{statistics.median(words):.0f}, mean {statistics.mean(words):.1f}, max {max(words)}; "
-        f"{jsonl.stat().st_size / 1e6:.1f} MB of JSONL; max_length {opts.max_length}; "
+        f"{size / 1e6:.1f} MB of {'JSONL' if opts.file is None else 'input'}; "
+        f"max_length {opts.max_length}; "
         f"transformers {transformers.__version__}, datasets {datasets.__version__}, "
         f"trl {trl.__version__}; {os.cpu_count()} CPUs"
     )
+    if multi_turn:
+        print(
+            f"note: {multi_turn} conversations have more than one assistant turn; ours trains "
+            "every assistant turn, TRL's prompt/completion form only the last, so the trained "
+            "tokens differ by more than the newline explained below"
+        )
 
     trainer, args = make_trl_trainer(tmp, opts.max_length, trl_rows[:8])
 
@@ -255,7 +347,7 @@ def main() -> None:
     dm = packed = None
     for r in range(opts.repeats):
         dm = packed = None
-        t, dm = run_ours(jsonl, opts.max_length)
+        t, dm = run_ours(jsonl, opts.max_length, fmt=opts.format)
         ours_times.append(t)
         t_all, t_prep, packed = run_trl(trainer, args, trl_rows)
         trl_times.append(t_all)
@@ -286,7 +378,12 @@ def main() -> None:
 
     # ------------------------------------------------- first example, token by token
     first = conversations[0]
-    ours_first = tokenize_conversation(dm.tokenizer, first["messages"])
+    if "text" in first:
+        ours_first = dm.encoder.encode([first], ["first example"])[0]
+    else:
+        ours_first = tokenize_conversation(
+            dm.tokenizer, first["messages"], tools=first.get("tools")
+        )
     trl_first = trl_single(trainer, args, trl_rows[0])
     ids_agree = ours_first.input_ids == trl_first["input_ids"]
     ours_mask = [label != IGNORE_INDEX for label in ours_first.labels]
@@ -363,24 +460,33 @@ def main() -> None:
     print(f"all examples: same multiset of sequence lengths in both packed sets: {same_lengths}")
     diff = trl_trained - ours_trained
     whole = n_examples - stats.truncated  # truncation cuts that newline in both paths
-    print(
-        f"trained tokens TRL - ours = {diff:,} (untruncated examples: {whole:,}; "
-        f"{'equal' if diff == whole else 'NOT equal'}): TRL's completion mask covers "
-        "everything after the generation prompt, including the newline the ChatML template "
-        "writes after <|im_end|>; ours ends the assistant span at <|im_end|> (trailing white "
-        "space excluded), so TRL trains on one more token per example: a newline after the "
-        "end-of-turn token"
-    )
+    if "text" in first:  # no chat template: both train every token of a text row
+        print(
+            f"trained tokens TRL - ours = {diff:,} (text rows, every token trained in both: "
+            f"{'equal' if diff == 0 else 'NOT equal'})"
+        )
+    else:
+        print(
+            f"trained tokens TRL - ours = {diff:,} (untruncated examples: {whole:,}; "
+            f"{'equal' if diff == whole else 'NOT equal'}): TRL's completion mask covers "
+            "everything after the generation prompt, including the newline the ChatML template "
+            "writes after <|im_end|>; ours ends the assistant span at <|im_end|> (trailing white "
+            "space excluded), so TRL trains on one more token per example: a newline after the "
+            "end-of-turn token"
+        )
     print(
         f"seconds per repeat (median): ours {statistics.median(ours_times):.2f}, TRL "
         f"{statistics.median(trl_times):.2f}; median ratio {median_ratio:.2f}x"
     )
 
     results = {
-        "n": opts.n,
+        "n": opts.n if opts.file is None else len(trl_rows),
+        "file": None if opts.file is None else str(opts.file),
+        "format": opts.format,
+        "multi_turn_conversations": multi_turn,
         "max_length": opts.max_length,
         "repeats": opts.repeats,
-        "seed": opts.seed,
+        "seed": opts.seed if opts.file is None else None,
         "cpus": os.cpu_count(),
         "versions": {
             "transformers": transformers.__version__,

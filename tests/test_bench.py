@@ -108,3 +108,35 @@ def test_dpo_bench_smoke(tmp_path):
     dpo = memory["runs"]["dpo"][0]
     assert dpo["trainable"] < dpo["params"]  # LoRA: the base is frozen
     assert memory["ratio_peak"] > 0
+
+
+def test_data_bench_on_a_users_alpaca_file(tmp_path):
+    rows = [
+        {
+            "instruction": f"Summarise point {i} of the report.",
+            "input": "The river rose in spring. " * (i % 4) if i % 3 else "",
+            "output": "It rose, as rivers do in spring. " * (1 + i % 5),
+            **({"system": "You are terse."} if i % 4 == 0 else {}),
+        }
+        for i in range(40)
+    ]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stdout, results = run_bench(
+        "data.py",
+        *("--file", str(data), "--format", "alpaca", "--max-length", "256", "--repeats", "1"),
+        tmp_path=tmp_path,
+    )
+    assert f"40 rows of {data} (40 alpaca; format alpaca), 40 with something to train on" in stdout
+    assert "| path | examples/s | padding efficiency | trained tokens |" in stdout
+    assert re.search(r"^ratio ours/TRL examples/s: \d+\.\d\dx .*target >= 1\.5x: ", stdout, re.M)
+    assert re.search(r"^first example: token ids ours == TRL: True", stdout, re.M)
+    assert "same multiset of sequence lengths in both packed sets: True" in stdout
+    assert "trained tokens TRL - ours = 40 (untruncated examples: 40; equal)" in stdout
+    assert (results["file"], results["format"], results["n"], results["examples"]) == (
+        str(data),
+        "alpaca",
+        40,
+        40,
+    )
+    assert results["first_example_ids_agree"] and results["same_sequence_lengths"]
