@@ -1,21 +1,34 @@
 """Turning raw rows of every supported format into a few canonical shapes.
 
-* chat: ``{"messages": [...], "tools": [...]?}`` (OpenAI-style messages);
+* chat: ``{"messages": [...], "tools": [...]?}`` (OpenAI-style messages, text content);
 * text: ``{"text": str}`` (trained on every token);
 * preference: ``{"prompt": [...], "chosen": [...], "rejected": [...], "tools": [...]?}``.
 
 Rows are recognised by their fields (``format: auto``) or by the configured format. A
-source's ``columns`` mapping renames other field names to these before detection.
+source's ``columns`` mapping renames other field names to these before detection. What peers
+store in other shapes is brought to these here: tools as a JSON string, ShareGPT
+``function_call`` turns, content as typed parts, hh-rlhf transcripts, single-turn chosen and
+rejected objects (LLaMA-Factory). Rows that cannot be trained as asked (unpaired KTO rows or
+preference rows given to SFT) are refused with what to do instead.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from src.datamodules.records import DataError, Record
+from src.datamodules.tool_calls import function_call_message, kind, with_tools
 
 Format = Literal[
-    "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "text"
+    "auto",
+    "messages",
+    "sharegpt",
+    "alpaca",
+    "prompt_completion",
+    "preference",
+    "text",
+    "hh_rlhf",
 ]
 Message = dict[str, Any]
 Example = dict[str, Any]
@@ -29,7 +42,11 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "hh_rlhf": ("text",),
 }
+# Formats used only when named: an hh_rlhf row is a text row whose text is a transcript, and
+# reading every "Human: ..." text as a conversation would be a guess.
+NAMED_ONLY = ("hh_rlhf",)
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -44,20 +61,53 @@ SHAREGPT_ROLES = {
     "function_response": "tool",
     "ipython": "tool",
 }
-CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "hh_rlhf")
+KTO_FIELDS = ("label", "kto_tag")  # TRL's unpaired preference rows; LLaMA-Factory's KTO column
+HH_SPEAKERS = {"Human": "user", "Assistant": "assistant"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_SHAPE = "'\\n\\nHuman: ...\\n\\nAssistant: ...'"
+
+
+# ------------------------------------------------------------------ detection
 
 
 def detect_format(row: dict[str, Any], where: str, allowed: tuple[str, ...]) -> str:
     """Name the format of a row from its fields, among the ``allowed`` ones."""
-    for name in allowed:
+    guessable = tuple(n for n in allowed if n not in NAMED_ONLY)
+    for name in guessable:
         if all(row.get(f) is not None for f in REQUIRED_FIELDS[name]):
             return name
-    expected = " or ".join(f"({', '.join(REQUIRED_FIELDS[n])})" for n in allowed)
+    expected = " or ".join(f"({', '.join(REQUIRED_FIELDS[n])})" for n in guessable)
     raise DataError(
         f"{where}: cannot tell the format of this row: expected the fields {expected}; "
         f"found ({', '.join(row) or 'no fields'}). Name other columns with a source's "
-        "`columns` mapping"
+        f"`columns` mapping{_misfit_hint(row, allowed)}"
     )
+
+
+def _misfit_hint(row: dict[str, Any], allowed: tuple[str, ...]) -> str:
+    """What to do with a row of a kind the caller cannot train (said in the detection error)."""
+    if _kto_field(row):
+        return (
+            ". These look like unpaired preference rows (a boolean label: KTO data), and a KTO "
+            "objective is not available yet; for DPO, pair a desirable and an undesirable "
+            "completion of the same prompt as chosen and rejected"
+        )
+    if row.get("segments") is not None:
+        return (
+            ". Template-free segments (axolotl's input_output) are not supported yet: write "
+            "the segments to train as assistant turns of a `messages` conversation, or, to "
+            "train every segment, join them as a `text` row"
+        )
+    if "preference" not in allowed and _has_pair(row):
+        return (
+            ". These are preference rows (chosen, rejected): train them with "
+            "src.datamodules.PreferenceDataModule (configs/dpo.yaml); to fine-tune on the "
+            "chosen responses, map them with a source's `columns` (`columns: {messages: "
+            "chosen}` for whole conversations, `columns: {text: chosen}` with "
+            "`format: hh_rlhf` for Human/Assistant transcripts)"
+        )
+    return ""
 
 
 def _checked_format(record: Record, fmt: str, allowed: tuple[str, ...], purpose: str) -> str:
@@ -77,12 +127,57 @@ def _checked_format(record: Record, fmt: str, allowed: tuple[str, ...], purpose:
     return name
 
 
+def _has_pair(row: dict[str, Any]) -> bool:
+    return row.get("chosen") is not None and row.get("rejected") is not None
+
+
+def _kto_field(row: dict[str, Any]) -> str | None:
+    """The field marking a row desirable or not (KTO data), if the row has one."""
+    return next((f for f in KTO_FIELDS if isinstance(row.get(f), bool)), None)
+
+
+# ------------------------------------------------------------------ canonical examples
+
+
 def to_sft_example(record: Record, fmt: str = "auto") -> Example:
     """A chat or text example for supervised fine-tuning."""
     name = _checked_format(record, fmt, (*CHAT_FORMATS, "text"), "supervised fine-tuning")
+    _refuse_unpaired(record)
     if name == "text":
         return {"text": _text(record)}
-    return to_chat(record, name)
+    example = to_chat(record, name)
+    _refuse_prompt_only(record, example["messages"])
+    return example
+
+
+def _refuse_unpaired(record: Record) -> None:
+    """KTO rows mark some answers undesirable: SFT would train those as good ones."""
+    field = _kto_field(record.row)
+    if field is None:
+        return
+    raise DataError(
+        f"{record.where}: this row has a boolean {field!r} ({record.row[field]}): an unpaired "
+        "preference row (KTO data, desirable and undesirable answers). Supervised fine-tuning "
+        "would train the undesirable answers as good ones, and a KTO objective is not "
+        f"available yet. To fine-tune on the desirable rows only, keep those whose {field} is "
+        f"true and drop the field, e.g. `jq -c 'select(.{field} == true) | del(.{field})' "
+        f"in.jsonl > sft.jsonl`; if {field!r} means something else here, rename it with a "
+        f"source's `columns` mapping (e.g. `columns: {{tag: {field}}}`)"
+    )
+
+
+def _refuse_prompt_only(record: Record, messages: list[Message]) -> None:
+    """A preference row whose conversation is only the prompt (LLaMA-Factory's ShareGPT
+    ranking rows): SFT would train none of its answers, so it is refused, not dropped."""
+    if not _has_pair(record.row) or messages[-1]["role"] == "assistant":
+        return  # conversations that end with an answer (e.g. UltraFeedback's) are SFT data
+    raise DataError(
+        f"{record.where}: this row holds chosen and rejected responses (a preference row) and "
+        "its conversation ends before them, so supervised fine-tuning would train nothing of "
+        "it: train it with src.datamodules.PreferenceDataModule (configs/dpo.yaml), or, to "
+        "fine-tune on the chosen answers, write each as the last turn of its conversation "
+        "and drop chosen and rejected"
+    )
 
 
 def to_chat(record: Record, fmt: str = "auto") -> Example:
@@ -90,16 +185,19 @@ def to_chat(record: Record, fmt: str = "auto") -> Example:
     row, where = record.row, record.where
     name = _checked_format(record, fmt, CHAT_FORMATS, "chat data")
     if name == "alpaca":
-        messages = _from_alpaca(row)
+        messages = _from_alpaca(row, where)
     elif name == "sharegpt":
-        messages = _from_sharegpt(row["conversations"], where)
+        messages = _from_sharegpt(row["conversations"], where, row.get("system"))
     elif name == "prompt_completion":
         messages = _turns(row["prompt"], "user", where, "prompt") + _turns(
             row["completion"], "assistant", where, "completion"
         )
+    elif name == "hh_rlhf":
+        messages = _transcript_of(_text(record), where)
     else:
         messages = row["messages"]
-    return _with_tools({"messages": check_messages(messages, where)}, row)
+    messages = check_messages(_plain_messages(messages, where), where)
+    return with_tools({"messages": messages}, row, where)
 
 
 def to_text(record: Record, fmt: str = "auto") -> str:
@@ -111,21 +209,21 @@ def to_text(record: Record, fmt: str = "auto") -> str:
 def to_preference(record: Record, fmt: str = "auto") -> Example:
     """Prompt, chosen and rejected message lists of a preference row.
 
-    ``prompt`` may be a string or messages; ``chosen``/``rejected`` strings or messages.
-    Without a ``prompt``, chosen and rejected are whole conversations whose shared leading
-    messages are the prompt.
+    ``prompt`` may be a string or messages, else the row's ``conversations`` / ``messages``
+    (LLaMA-Factory) or alpaca ``instruction``; ``chosen``/``rejected`` strings, messages or
+    one message / ShareGPT turn each. Without a prompt, chosen and rejected are whole
+    conversations (message lists or hh-rlhf transcripts) whose shared leading messages are
+    the prompt.
     """
     row, where = record.row, record.where
     _checked_format(record, fmt, ("preference",), "preference data")
-    chosen = _turns(row["chosen"], "assistant", where, "chosen")
-    rejected = _turns(row["rejected"], "assistant", where, "rejected")
-    if row.get("prompt") is not None:
-        prompt = _turns(row["prompt"], "user", where, "prompt")
+    chosen = _response(row["chosen"], where, "chosen")
+    rejected = _response(row["rejected"], where, "rejected")
+    prompt = _preference_prompt(row, where)
+    if prompt is None:
+        prompt, chosen, rejected = _split_shared_start(chosen, rejected, where)
     else:
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
-            shared += 1
-        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        chosen, rejected = _after(prompt, chosen), _after(prompt, rejected)
     check_messages(prompt, f"{where} (prompt)")
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         check_messages(prompt + answer, f"{where} ({name})")
@@ -134,7 +232,79 @@ def to_preference(record: Record, fmt: str = "auto") -> Example:
                 f"{where}: the {name} response must start with an assistant message, "
                 f"found {answer[0]['role']!r}"
             )
-    return _with_tools({"prompt": prompt, "chosen": chosen, "rejected": rejected}, row)
+    return with_tools({"prompt": prompt, "chosen": chosen, "rejected": rejected}, row, where)
+
+
+def _after(prompt: list[Message], side: list[Message]) -> list[Message]:
+    """A side without the prompt it repeats: UltraFeedback's chosen and rejected are whole
+    conversations beside their prompt, and the prompt must not be rendered twice."""
+    n = len(prompt)
+    if len(side) > n and all(_same_turn(a, b) for a, b in zip(prompt, side[:n], strict=True)):
+        return side[n:]
+    return side
+
+
+def _same_turn(a: Any, b: Any) -> bool:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
+    return a.get("role") == b.get("role") and a.get("content") == b.get("content")
+
+
+def _preference_prompt(row: dict[str, Any], where: str) -> list[Message] | None:
+    """The prompt a preference row states, or None when chosen/rejected imply it."""
+    if row.get("prompt") is not None:
+        return _plain_messages(_prompt_turns(row["prompt"], where), where)
+    if isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
+        return None  # whole conversations: a conversation field beside them may repeat them
+    if row.get("conversations") is not None:  # LLaMA-Factory's ShareGPT ranking rows
+        field, prompt = (
+            "conversations",
+            _from_sharegpt(row["conversations"], where, row.get("system")),
+        )
+    elif row.get("messages") is not None:  # the same with OpenAI role/content tags
+        field, prompt = "messages", row["messages"]
+    elif row.get("instruction") is not None:  # LLaMA-Factory's alpaca ranking rows
+        return _alpaca_prompt(row, where)
+    else:
+        return None
+    prompt = _plain_messages(prompt, where)
+    if isinstance(prompt, list) and prompt and _role(prompt[-1]) == "assistant":
+        raise DataError(
+            f"{where}: {field!r} ends with an assistant turn, so it cannot be the prompt that "
+            "chosen and rejected answer; end it with the turn they answer"
+        )
+    return prompt
+
+
+def _role(message: Any) -> Any:
+    return message.get("role") if isinstance(message, dict) else None
+
+
+def _prompt_turns(value: Any, where: str) -> list[Message]:
+    """A prompt's messages; an hh-rlhf transcript ending "\\n\\nAssistant:" awaits the
+    response, so that empty last turn is not part of it."""
+    turns = _turns(value, "user", where, "prompt", transcripts=True)
+    last = turns[-1]
+    if isinstance(value, str) and last["role"] == "assistant" and not last["content"]:
+        turns = turns[:-1]
+    return turns
+
+
+def _split_shared_start(
+    chosen: list[Message], rejected: list[Message], where: str
+) -> tuple[list[Message], list[Message], list[Message]]:
+    """Prompt, chosen and rejected of two whole conversations: their shared leading messages
+    are the prompt, and each keeps at least its last message."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise DataError(
+            f"{where} (prompt): empty conversation: the row has no 'prompt' and chosen and "
+            "rejected share no leading turn; give a prompt, or chosen and rejected as whole "
+            f"conversations (message lists or {HH_SHAPE} transcripts) that start alike"
+        )
+    return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
 def _text(record: Record) -> str:
@@ -144,50 +314,165 @@ def _text(record: Record) -> str:
     return text
 
 
-def _turns(value: Any, role: str, where: str, field: str) -> list[Message]:
-    """A string becomes one message of ``role``; a non-empty message list is kept as is."""
+# ------------------------------------------------------------------ turns and messages
+
+
+def _turns(
+    value: Any, role: str, where: str, field: str, transcripts: bool = False
+) -> list[Message]:
+    """A string becomes one message of ``role`` (or, with ``transcripts``, the turns of an
+    hh-rlhf transcript); one message or ShareGPT turn becomes a list of it; a non-empty list
+    of messages or ShareGPT turns is kept."""
     if isinstance(value, str):
-        return [{"role": role, "content": value}]
+        turns = hh_transcript(value) if transcripts else None
+        return turns or [{"role": role, "content": value}]
+    if _is_turn(value):
+        value = [value]
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
+        return _from_sharegpt(value, where)
     if not isinstance(value, list) or not value:
         raise DataError(
-            f"{where}: {field!r} must be a string or a non-empty list of messages, "
+            f"{where}: {field!r} must be a string or a non-empty list of messages (or one "
+            "message or ShareGPT turn object), "
             f"found {type(value).__name__ if value else 'an empty value'}"
         )
     return value
 
 
-def _with_tools(example: Example, row: dict[str, Any]) -> Example:
-    if row.get("tools"):
-        example["tools"] = row["tools"]
-    return example
+def _response(value: Any, where: str, field: str) -> list[Message]:
+    """A chosen or rejected side: text, a transcript, a message, a turn, or messages."""
+    return _plain_messages(_turns(value, "assistant", where, field, transcripts=True), where)
 
 
-def _from_alpaca(row: dict[str, Any]) -> list[Message]:
+def _is_turn(value: Any) -> bool:
+    """One message (role with content or tool calls) or one ShareGPT turn (from, value)."""
+    if not isinstance(value, dict):
+        return False
+    if "role" in value:
+        return "content" in value or bool(value.get("tool_calls"))
+    return "from" in value and "value" in value
+
+
+def _alpaca_prompt(row: dict[str, Any], where: str) -> list[Message]:
     prompt = str(row["instruction"])
     if row.get("input"):
         prompt = f"{prompt}\n\n{row['input']}"
     messages = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
-    return messages + [
-        {"role": "user", "content": prompt},
-        {"role": "assistant", "content": str(row["output"])},
+    return messages + _alpaca_history(row.get("history"), where) + [_user(prompt)]
+
+
+def _alpaca_history(history: Any, where: str) -> list[Message]:
+    """LLaMA-Factory's alpaca ``history``: the earlier rounds, ``[[instruction, response]...]``."""
+    if not history:
+        return []
+    rounds = history if isinstance(history, list) else None
+    if rounds is None or not all(isinstance(r, list | tuple) and len(r) == 2 for r in rounds):
+        raise DataError(
+            f"{where}: 'history' must be a list of [instruction, response] pairs, "
+            f"found {kind(history)}"
+        )
+    return [
+        message
+        for query, answer in rounds
+        for message in (_user(str(query)), {"role": "assistant", "content": str(answer)})
     ]
 
 
-def _from_sharegpt(turns: Any, where: str) -> list[Message]:
+def _user(text: str) -> Message:
+    return {"role": "user", "content": text}
+
+
+def _from_alpaca(row: dict[str, Any], where: str) -> list[Message]:
+    return _alpaca_prompt(row, where) + [{"role": "assistant", "content": str(row["output"])}]
+
+
+def _from_sharegpt(turns: Any, where: str, system: Any = None) -> list[Message]:
+    """Messages of ShareGPT turns; a row-level ``system`` (LLaMA-Factory) opens them."""
     if not isinstance(turns, list):
         raise DataError(f"{where}: 'conversations' must be a list of turns")
     messages = []
+    if isinstance(system, str) and system and not _opens_with_system(turns):
+        messages.append({"role": "system", "content": system})
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"{where}: turn {i} must be an object with 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        speaker = str(turn["from"]).lower()
+        role = SHAREGPT_ROLES.get(speaker)
         if role is None:
             raise DataError(
                 f"{where}: turn {i} has unknown speaker {turn['from']!r} "
                 f"(expected one of {', '.join(SHAREGPT_ROLES)})"
             )
-        messages.append({"role": role, "content": turn["value"]})
+        if speaker == "function_call":
+            messages.append(
+                function_call_message(turn["value"], f"{where}: turn {i} (function_call)")
+            )
+        else:
+            messages.append({"role": role, "content": turn["value"]})
     return messages
+
+
+def _opens_with_system(turns: list[Any]) -> bool:
+    first = turns[0] if turns else None
+    return isinstance(first, dict) and str(first.get("from", "")).lower() == "system"
+
+
+def hh_transcript(text: str) -> list[Message] | None:
+    """The turns of an hh-rlhf transcript ("\\n\\nHuman: ...\\n\\nAssistant: ..."), or None
+    when ``text`` is not one (it must open with a Human turn and hold an Assistant turn)."""
+    body = text.lstrip()
+    if not body.startswith("Human:") or "\n\nAssistant:" not in body:
+        return None
+    parts = HH_TURN.split("\n\n" + body)  # ["", speaker, text, speaker, text, ...]
+    return [
+        {"role": HH_SPEAKERS[speaker], "content": said.strip()}
+        for speaker, said in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
+def _transcript_of(text: str, where: str) -> list[Message]:
+    turns = hh_transcript(text)
+    if turns is None:
+        raise DataError(
+            f"{where}: a 'hh_rlhf' row's text must be a Human/Assistant transcript "
+            f"({HH_SHAPE}), found {text[:40]!r}"
+        )
+    return turns
+
+
+# ------------------------------------------------------------------ content
+
+
+def _plain_messages(messages: Any, where: str) -> Any:
+    """The messages with content given as typed parts turned into text (anything else is
+    left for ``check_messages`` to judge)."""
+    if not isinstance(messages, list):
+        return messages
+    return [
+        {**m, "content": _parts_text(m["content"], f"{where}: message {i}")}
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        else m
+        for i, m in enumerate(messages)
+    ]
+
+
+def _parts_text(parts: list[Any], where: str) -> str:
+    """The text of content parts (``{"type": "text", "text"|"value": ...}``), joined by a
+    newline as OpenAI-compatible servers (vLLM) join them for a text-only template."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") is None:
+            raise DataError(f"{where}: content part {j} must be an object with a 'type'")
+        if part["type"] != "text":
+            raise DataError(
+                f"{where}: content part {j} is of type {part['type']!r}, not text: this project "
+                "trains on text only; drop the part (or the row)"
+            )
+        text = part.get("text") if isinstance(part.get("text"), str) else part.get("value")
+        if not isinstance(text, str):
+            raise DataError(f"{where}: text part {j} has no string 'text' (or 'value')")
+        texts.append(text)
+    return "\n".join(texts)
 
 
 def check_messages(messages: Any, where: str) -> list[Message]:

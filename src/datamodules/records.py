@@ -2,21 +2,29 @@
 
 Every row travels with its location (``file:line`` or ``source row N``) so that a bad row is
 reported where the user can find it, not as a traceback from inside a library. Readers are
-generators, so a streamed corpus never has to fit in memory.
+generators, so a streamed corpus never has to fit in memory. Every local type may also be
+gzip-compressed (``.jsonl.gz``, ``.csv.gz``...), read as it is decompressed.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 LOCAL_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".txt"}
+GZIP = ".gz"
+# what a broken or truncated gzip stream raises (BadGzipFile is an OSError)
+READ_ERRORS = (OSError, EOFError, zlib.error)
+# an object holding a list under one of these is one chat row, not a container of rows
+CHAT_KEYS = ("messages", "conversations")
 TextUnit = Literal["document", "paragraph", "line"]
 
 
@@ -70,17 +78,28 @@ def local_files(source: str) -> list[Path] | None:
         return matches
     path = Path(source)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        found = sorted(
+            p for p in path.rglob("*") if p.is_file() and data_suffix(p) in LOCAL_SUFFIXES
+        )
         if not found:
-            raise DataError(
-                f"{source}: the directory holds no data files ({', '.join(sorted(LOCAL_SUFFIXES))})"
-            )
+            raise DataError(f"{source}: the directory holds no data files ({_known_types()})")
         return found
     if path.exists():
         return [path]
-    if path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+    if data_suffix(path) in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
         raise DataError(f"data file not found: {source}")
     return None
+
+
+def data_suffix(path: Path) -> str:
+    """The data type of a file: its suffix, or the one before ``.gz`` when it is gzipped."""
+    if path.suffix == GZIP and len(path.suffixes) > 1:
+        return path.suffixes[-2]
+    return path.suffix
+
+
+def _known_types() -> str:
+    return f"{', '.join(sorted(LOCAL_SUFFIXES))}, each may be gzipped: {GZIP}"
 
 
 def _read_local(path: Path, text_unit: TextUnit) -> Iterator[Record]:
@@ -90,15 +109,42 @@ def _read_local(path: Path, text_unit: TextUnit) -> Iterator[Record]:
         ".parquet": _read_parquet,
         ".csv": _read_csv,
     }
-    if path.suffix == ".txt":
+    kind = data_suffix(path)
+    if kind == ".txt":
         yield from _read_txt(path, text_unit)
-    elif path.suffix in readers:
-        yield from readers[path.suffix](path)
+    elif kind in readers:
+        yield from readers[kind](path)
     else:
+        given = kind + GZIP if path.suffix == GZIP and kind != GZIP else kind
         raise DataError(
-            f"{path}: unsupported file type {path.suffix!r} (expected one of "
-            f"{', '.join(sorted(LOCAL_SUFFIXES))})"
+            f"{path}: unsupported file type {given!r} (expected one of {_known_types()})"
         )
+
+
+def _open(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed on the fly when it is gzipped."""
+    return gzip.open(path, "rb") if path.suffix == GZIP else path.open("rb")
+
+
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    """The byte lines of a file; a gzip stream that breaks names the line it broke at."""
+    with _open(path) as f:
+        lineno = 0
+        while True:
+            try:
+                raw = f.readline()
+            except READ_ERRORS as err:
+                raise DataError(f"{path}:{lineno + 1}: {_unreadable(path, err)}") from None
+            if not raw:
+                return
+            lineno += 1
+            yield raw
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    if path.suffix == GZIP:
+        return f"not a valid gzip file, or cut short ({err or type(err).__name__})"
+    return f"cannot read the file ({err})"
 
 
 def _lines(path: Path, keep_ends: bool = False) -> Iterator[str]:
@@ -107,20 +153,24 @@ def _lines(path: Path, keep_ends: bool = False) -> Iterator[str]:
     ``str.splitlines()`` (and text-mode iteration) also break on U+2028 and friends, which
     JSON allows unescaped inside strings.
     """
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-                yield line if keep_ends else line.rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{path}:{lineno}: not valid UTF-8 (byte {err.start}): {err.reason}"
-                ) from None
+    for lineno, raw in enumerate(_raw_lines(path), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{path}:{lineno}: not valid UTF-8 (byte {err.start}): {err.reason}"
+            ) from None
+        yield line if keep_ends else line.rstrip("\r\n")
 
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with _open(path) as f:
+            data = f.read()
+    except READ_ERRORS as err:
+        raise DataError(f"{path}: {_unreadable(path, err)}") from None
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 (byte {err.start}): {err.reason}") from None
 
@@ -146,23 +196,49 @@ def _read_json(path: Path) -> Iterator[Record]:
             " (one JSON object per line? name the file .jsonl)" if err.msg == "Extra data" else ""
         )
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg}){hint}") from None
-    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} style containers
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(f"{path}: expected a list of rows or an object holding one list")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of rows, found {type(data).__name__}")
-    for i, row in enumerate(data):
+    for i, row in enumerate(_json_rows(data, path)):
         where = f"{path} row {i}"
         yield Record(_as_object(row, where), where)
+
+
+def _json_rows(data: Any, path: Path) -> list[Any]:
+    """The rows of a JSON document: a list, or the one list of objects an object holds
+    (``{"data": [...]}``, ``{"train": [...]}``); ``{"messages": [...]}`` is one row."""
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a list of rows, found {type(data).__name__}")
+    keys = [
+        k for k, v in data.items() if isinstance(v, list) and all(isinstance(r, dict) for r in v)
+    ]
+    if any(k in CHAT_KEYS for k in keys):  # a chat row's own lists: messages, tools
+        return [data]
+    if len(keys) == 1:
+        return data[keys[0]]
+    if keys:
+        raise DataError(
+            f"{path}: the object holds several lists of rows ({', '.join(map(repr, keys))}); "
+            f"keep the one to train on, e.g. `jq '.{keys[0]}' {path.name} > rows.json`, or "
+            "give each as its own file"
+        )
+    raise DataError(
+        f"{path}: expected a list of rows, or an object holding them as a list under one key "
+        f'(e.g. {{"data": [...]}}); found an object with {_keys(data)} and no list of objects '
+        "(one row? write it as [{...}], or as a line of a .jsonl file)"
+    )
+
+
+def _keys(data: dict[str, Any]) -> str:
+    return f"the keys {', '.join(map(repr, data))}" if data else "no keys"
 
 
 def _read_parquet(path: Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+    try:  # a gzipped file is read through a seekable decompressing stream
+        batches = pq.ParquetFile(_open(path) if path.suffix == GZIP else path).iter_batches(
+            batch_size=4096
+        )
         i = 0
         for batch in batches:
             for row in batch.to_pylist():

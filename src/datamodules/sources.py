@@ -26,8 +26,8 @@ class Source:
     """One dataset of a mix.
 
     Args:
-        path: A local file (.json, .jsonl, .parquet, .csv, .txt), a directory, a glob, or a
-            hub dataset id.
+        path: A local file (.json, .jsonl, .parquet, .csv, .txt, each maybe gzipped as
+            .gz), a directory, a glob, or a hub dataset id.
         weight: Share of the mix when interleaving (normalised over the sources).
         loss_weight: Weight of this source's examples in the loss, relative to the others
             (SFT and preference data): its tokens (pairs) count ``loss_weight`` times in the
