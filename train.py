@@ -2,17 +2,21 @@
 
 import sys
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
 from src.callbacks import DivergenceError
 from src.cli import cli_main
 from src.datamodules import DataError
-from src.errors import ConfigError, PathNotFoundError
+from src.errors import ConfigError, PathNotFoundError, one_line
 
 # errors worded for the user: shown as one line, not as a traceback
 PREFIXES: dict[type[Exception], str] = {
     DataError: "data error",  # the user's data
     DivergenceError: "training diverged",  # a NaN/Inf loss or gradient: the step
     PathNotFoundError: "error",  # a mistyped model, tokenizer, adapter or checkpoint path
-    ConfigError: "config error",  # settings that cannot work together, a refused resume
+    ConfigError: "config error",  # a mistyped key or value, settings that cannot work
+    # together or on this machine, a refused resume
+    MisconfigurationException: "config error",  # Lightning's word for the same
 }
 
 
@@ -34,4 +38,4 @@ if __name__ == "__main__":
         found = user_error(err)
         if found is None:
             raise
-        sys.exit(f"{found[0]}: {found[1]}")
+        sys.exit(f"{found[0]}: {one_line(found[1])}")

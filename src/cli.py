@@ -8,25 +8,43 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from src.callbacks.checkpoint import BestCheckpoint, EarlyStop, RunCheckpoint
 from src.callbacks.divergence import DivergenceGuard
 from src.callbacks.preemption import Preemption
+from src.callbacks.progress import default_progress_bar
 from src.callbacks.run_record import RunRecord
 from src.datamodules.base import BaseDataModule
-from src.modules.base import CausalLMModule
+from src.errors import ConfigError, explain_parse_error, one_line
+from src.modules.adapters import qlora_problem
+from src.modules.base import CausalLMModule, liger_problem
 from src.resume import plan_resume, resolve_checkpoint
+from src.strategies import cuda_absence, missing_requirements
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Deprecation notices raised inside torchdata and lightning themselves, not actionable here.
 warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
 warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated")
 
+
+# settings that must be at least 1 (a 0 fails deep inside torch or peft)
+AT_LEAST_ONE = (
+    "data.init_args.batch_size",
+    "data.init_args.val_batch_size",
+    "data.init_args.max_length",
+    "trainer.accumulate_grad_batches",
+    "model.init_args.lora.r",
+)
 
 # data settings the model takes too: given once, under data (a saved config.yaml holds them
 # there only)
@@ -47,12 +65,27 @@ class LLMCLI(LightningCLI):
     default), ``preemption``, ``divergence``.
     """
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # a mistake raises, to be worded as one line below, instead of printing the usage
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         # what was parsed goes into run.json (beside sys.argv, which differs from Python)
         given = sys.argv[1:] if args is None else args
         argv = [str(a) for a in given] if isinstance(given, list | tuple) else None
         self.save_config_kwargs = {**self.save_config_kwargs, "argv": argv}
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            keys = parser_keys(self._parser_for(argv or []))
+            raise ConfigError(explain_parse_error(str(err), keys, argv)) from err
+
+    def _parser_for(self, argv: list[str]) -> LightningArgumentParser:
+        """The parser that reads ``argv``: its subcommand's, or the only one."""
+        subparsers = getattr(self, "_subcommand_parsers", {})
+        subcommand = next((a for a in argv if a in subparsers), None)
+        return subparsers[subcommand] if subcommand else self.parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in LINKED_DATA_ARGS:
@@ -91,6 +124,8 @@ class LLMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None:
+            check_machine(config, self.save_config_kwargs.get("argv") or [])
         if config is None or not config.get("ckpt_path"):
             return
         logger = config["trainer"].get("logger")
@@ -109,6 +144,96 @@ class LLMCLI(LightningCLI):
         config["ckpt_path"] = resume.checkpoint
         args["version"] = resume.version  # the run continued, a name given, or the next one
         self.save_config_kwargs = {**self.save_config_kwargs, "resume": resume}
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        given = config.get("callbacks") or []
+        given = [*(given if isinstance(given, list) else [given]), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            callbacks = [*callbacks, default_progress_bar()]  # counts steps, not epochs
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except ConfigError:
+            raise
+        except (MisconfigurationException, ValueError, TypeError) as err:
+            # a value the parser let through (accelerator, devices...): Lightning's words
+            raise ConfigError(f"trainer: {one_line(err)}") from err
+
+
+def parser_keys(parser: LightningArgumentParser) -> list[str]:
+    """Every dotted key ``parser`` accepts (``trainer.max_steps``, ``model``, ...)."""
+    skip = ("help", "print_config", "print_shtab")
+    keys = (a.dest for a in parser._actions if a.dest not in skip)
+    return [k for k in dict.fromkeys(keys) if not k.endswith(".help")]
+
+
+def check_machine(config: Namespace, argv: list[str]) -> None:
+    """Refuse, in one line, settings this machine cannot run (a GPU preset without a GPU, an
+    optional package not installed) and values that cannot work, before anything is built."""
+    trainer = config.get("trainer") or Namespace()
+    accelerator = _class_or_name(trainer.get("accelerator"))
+    if accelerator in ("gpu", "cuda", "cudaaccelerator"):
+        reason = cuda_absence(mps_counts=accelerator == "gpu")  # "gpu" is Apple's GPU too
+        if reason:
+            preset = _preset(argv, "accelerator")
+            what = (
+                f"the {Path(preset).stem} preset ({preset})"
+                if preset
+                else f"trainer.accelerator {trainer.get('accelerator')}"
+            )
+            instead = (
+                "leave --trainer out: the objective configs use accelerator: auto"
+                if preset
+                else "--trainer.accelerator auto"
+            )
+            raise ConfigError(
+                f"{what} needs a CUDA GPU and none is visible ({reason}); "
+                f"use --trainer configs/trainer/cpu.yaml (or {instead})"
+            )
+    if "deepspeed" in _class_or_name(trainer.get("strategy")):
+        preset = _preset(argv, "strategy")
+        what = f"the {Path(preset).stem} preset ({preset})" if preset else "DeepSpeed"
+        problem = missing_requirements(what, packages=("deepspeed",))
+        if problem:
+            raise ConfigError(problem)
+    model = config.get("model") or Namespace()
+    init = model.get("init_args") or Namespace()
+    if init.get("liger_kernels") and (problem := liger_problem()):
+        raise ConfigError(problem)
+    lora = init.get("lora")
+    # (with from_scratch the module refuses QLoRA itself, whatever the machine)
+    if lora is not None and lora.get("load_in_4bit") and not init.get("from_scratch"):
+        problem = qlora_problem()
+        if problem:
+            raise ConfigError(problem)
+    for key in AT_LEAST_ONE:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+
+
+def _class_or_name(value: Any) -> str:
+    """``"gpu"``, or a ``class_path``'s class name, lower case; ``""`` for anything else."""
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, Namespace | dict):
+        return str(value.get("class_path", "")).rpartition(".")[2].lower()
+    return type(value).__name__.lower() if value is not None else ""
+
+
+def _preset(argv: list[str], key: str) -> str | None:
+    """The last ``--trainer FILE`` of the command line, if that file sets ``key``."""
+    files = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--trainer"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--trainer=")]
+    for file in reversed(files):
+        try:
+            content = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(content, dict) and key in content:
+            return file
+    return None
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LLMCLI:
@@ -129,4 +254,4 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LLMCLI:
     )
 
 
-__all__ = ["LLMCLI", "cli_main", "resolve_checkpoint"]
+__all__ = ["LLMCLI", "check_machine", "cli_main", "resolve_checkpoint"]

@@ -2,10 +2,15 @@
 
 The layer class is found from the model itself (transformers' ``_no_split_modules``), so one
 preset serves Llama, Qwen, Mistral, Gemma... without naming a class in the config.
+
+Also what a setting needs of the machine (a CUDA GPU, an optional package), said before a
+run starts rather than as a library's traceback once it has.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +18,52 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers import PreTrainedModel
+
+# optional packages: import name -> (distribution, how to install it)
+OPTIONAL_PACKAGES = {
+    "deepspeed": ("deepspeed", "pip install -e '.[deepspeed]'"),
+    "bitsandbytes": ("bitsandbytes", "pip install -e '.[qlora]'"),
+    "liger_kernel": ("liger-kernel", "pip install liger-kernel"),
+}
+
+
+def cuda_absence(mps_counts: bool = False) -> str | None:
+    """Why no CUDA GPU is visible to torch, or None when one is (or, with ``mps_counts``,
+    when an Apple GPU is: Lightning's ``accelerator: gpu`` takes either)."""
+    if torch.cuda.is_available():
+        return None
+    if mps_counts and torch.backends.mps.is_available():
+        return None
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    return "torch finds no CUDA device or driver"
+
+
+def missing_requirements(
+    what: str, gpu: bool = False, packages: tuple[str, ...] = (), instead: str = ""
+) -> str | None:
+    """A one-line message naming what ``what`` needs and this machine lacks, or None.
+
+    Args:
+        what: The setting, as the user wrote it, e.g. ``QLoRA (model.init_args.lora...)``.
+        gpu: Whether it needs a CUDA GPU.
+        packages: Import names of the optional packages it needs (``OPTIONAL_PACKAGES``).
+        instead: What to do without them, appended after the needs.
+    """
+    needs = []
+    reason = cuda_absence() if gpu else None
+    if reason:
+        needs.append(f"a CUDA GPU, and none is visible ({reason})")
+    for module in packages:
+        if importlib.util.find_spec(module) is None:
+            name, install = OPTIONAL_PACKAGES[module]
+            needs.append(f"the {name} package, which is not installed: {install}")
+    if not needs:
+        return None
+    return f"{what} needs {'; and '.join(needs)}" + (f"; {instead}" if instead else "")
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:

@@ -64,3 +64,23 @@ def test_bad_data_is_reported_in_one_line(tmp_path, capsys):
     )
     assert code == 1
     assert "data error: " in capsys.readouterr().err
+
+
+def test_a_settings_mistake_is_one_line_not_the_parser_s_dump(capsys):
+    """Streaming with a fractional val_split: the data module refuses it while the parser
+    builds it; the preview says so in one line, as train.py does."""
+    code = main(
+        [
+            "--config",
+            str(ROOT / "configs" / "sft.yaml"),
+            "--data.init_args.streaming",
+            "true",
+            "--data.init_args.val_files",
+            "null",
+        ],
+        out=io.StringIO(),
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("data error: a streamed corpus has no known size")
+    assert not any("Namespace(" in line or "Traceback" in line for line in err)

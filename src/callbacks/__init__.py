@@ -1,5 +1,5 @@
 """Callbacks: sample generation, validation at step 0, Hugging Face export,
-predictions to JSON Lines."""
+predictions to JSON Lines, progress bars that count steps."""
 
 from src.callbacks.checkpoint import BestCheckpoint, EarlyStop, RunCheckpoint
 from src.callbacks.divergence import DivergenceError, DivergenceGuard
@@ -7,6 +7,7 @@ from src.callbacks.generation import SampleGeneration, generate
 from src.callbacks.hf_export import HFExport
 from src.callbacks.prediction_writer import PredictionWriter
 from src.callbacks.preemption import Preemption
+from src.callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 from src.callbacks.run_record import RunRecord
 from src.callbacks.throughput import Throughput
 from src.callbacks.validate_on_start import ValidateOnStart
@@ -22,6 +23,8 @@ __all__ = [
     "RunCheckpoint",
     "RunRecord",
     "SampleGeneration",
+    "StepRichProgressBar",
+    "StepTQDMProgressBar",
     "Throughput",
     "ValidateOnStart",
     "generate",

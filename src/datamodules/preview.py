@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         if not args.check_template:
             dm.prepare_data()
             dm.setup("fit")
-    except DataError as err:
-        print(f"data error: {err}", file=sys.stderr)
+    except Exception as err:  # ours, or jsonargparse's wrapping of ours: one line, as train.py
+        found = _ours(err)
+        if found is None:
+            raise
+        print(found, file=sys.stderr)
         return 1
     if args.check_template:
         return 0 if check_template(dm.chat_encoder(), out) else 1
@@ -81,6 +84,21 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         print(f"\n=== {args.split} row {i} ===", file=out)
         print(render_row(dm.tokenizer, row, color), file=out)
     return 0
+
+
+def _ours(err: BaseException | None) -> str | None:
+    """The one-line message of the error of ours behind ``err`` (the parser re-raises what a
+    class raises while it is built, caused by the original), or None."""
+    from src.errors import ConfigError, PathNotFoundError, one_line
+
+    while err is not None:
+        for kind, prefix in ((DataError, "data error"), (ConfigError, "config error")):
+            if isinstance(err, kind):
+                return f"{prefix}: {one_line(err)}"
+        if isinstance(err, PathNotFoundError):
+            return f"error: {one_line(err)}"
+        err = err.__cause__
+    return None
 
 
 def _check_tokenizer(args: argparse.Namespace, out: TextIO) -> int:

@@ -8,7 +8,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 
+from src.errors import ConfigError
 from src.local_paths import check_local_path
+from src.strategies import missing_requirements
 
 
 @dataclass
@@ -40,16 +42,22 @@ class LoraSettings:
     modules_to_save: list[str] = field(default_factory=list)
 
 
+QLORA = "QLoRA (model.init_args.lora.load_in_4bit: true)"
+WITHOUT_QLORA = "or train plain LoRA (load_in_4bit: false)"
+
+
+def qlora_problem() -> str | None:
+    """What QLoRA needs and this machine lacks (a CUDA GPU, bitsandbytes), or None."""
+    return missing_requirements(QLORA, gpu=True, packages=("bitsandbytes",), instead=WITHOUT_QLORA)
+
+
 def quantization_kwargs(settings: LoraSettings | None) -> dict:
     """``from_pretrained`` arguments for QLoRA, with a clear error where it cannot run."""
     if settings is None or not settings.load_in_4bit:
         return {}
-    if not torch.cuda.is_available():
-        raise ValueError("QLoRA (lora.load_in_4bit) needs a CUDA GPU; this machine has none")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ValueError("QLoRA needs bitsandbytes: pip install -e '.[qlora]'") from None
+    problem = qlora_problem()
+    if problem:
+        raise ConfigError(problem)
     from transformers import BitsAndBytesConfig
 
     return {

@@ -10,7 +10,10 @@ unit of the step, across gradient-accumulation micro-batches and devices.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -21,13 +24,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from src.callbacks.generation import generate
 from src.datamodules.base import load_tokenizer
-from src.errors import ConfigError
+from src.errors import ConfigError, PathNotFoundError, hub_not_found
 from src.local_paths import check_local_path
 from src.modules.adapters import LoraSettings, add_adapters, quantization_kwargs
 from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
 from src.strategies import (
     engine_owns_gradients,
     is_fsdp,
+    missing_requirements,
     model_key,
     parameters_are_sharded,
     zero_stage,
@@ -118,9 +122,11 @@ class CausalLMModule(pl.LightningModule):
         self.compile = compile
         self.liger_kernels = liger_kernels
         self.model: PreTrainedModel | None = None
-        self.tokenizer = load_tokenizer(
-            self.tokenizer_name_or_path, trust_remote_code, chat_template
-        )
+        key = "data.init_args.tokenizer" if tokenizer else "model.init_args.model_name_or_path"
+        with named_if_missing(self.tokenizer_name_or_path, "tokenizer", key):
+            self.tokenizer = load_tokenizer(
+                self.tokenizer_name_or_path, trust_remote_code, chat_template
+            )
         self._step_sums: dict[str, torch.Tensor] = {}
         self._scale_loss = False
         self._tokens_seen = 0  # real (non-pad) tokens trained on, over all devices
@@ -168,16 +174,22 @@ class CausalLMModule(pl.LightningModule):
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": self.trust_remote_code}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
+        keys: dict[str, str] = {}  # which setting named it, for a message
+        for attr in ("model_name_or_path", "ref_model_name_or_path"):
+            if getattr(self, attr, None):
+                keys.setdefault(getattr(self, attr), f"model.init_args.{attr}")
         if from_scratch:
-            config = AutoConfig.from_pretrained(
-                name_or_path, trust_remote_code=self.trust_remote_code
-            )
+            with named_if_missing(name_or_path, "model", keys.get(name_or_path)):
+                config = AutoConfig.from_pretrained(
+                    name_or_path, trust_remote_code=self.trust_remote_code
+                )
             if dtype == "auto":
                 kwargs["dtype"] = torch.float32
             model = AutoModelForCausalLM.from_config(config, **kwargs)
         else:
             kwargs |= quantization_kwargs(lora)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            with named_if_missing(name_or_path, "model", keys.get(name_or_path)):
+                model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(self.tokenizer))
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -407,11 +419,31 @@ def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return model(**inputs, use_cache=False).logits
 
 
+LIGER = "model.init_args.liger_kernels: true"
+
+
+def liger_problem() -> str | None:
+    """What Liger kernels need and this machine lacks (the package), or None."""
+    return missing_requirements(LIGER, packages=("liger_kernel",), instead="or set it to false")
+
+
 def _apply_liger(model: PreTrainedModel) -> None:
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        raise ValueError(
-            "liger_kernels: true needs the liger-kernel package (pip install liger-kernel)"
-        ) from None
+    problem = liger_problem()
+    if problem:
+        raise ConfigError(problem)
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
     _apply_liger_kernel_to_instance(model=model)
+
+
+@contextmanager
+def named_if_missing(name_or_path: str, what: str, key: str | None) -> Iterator[None]:
+    """A name that is no local path and that the hub cannot give (a typo, offline, private)
+    becomes one ``PathNotFoundError`` naming it, the setting and a nearby directory, not
+    transformers' message of several lines."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, PathNotFoundError) or Path(name_or_path).expanduser().exists():
+            raise  # ours already, or a local directory that is incomplete: its own words
+        raise PathNotFoundError(hub_not_found(name_or_path, what, key, err)) from err
