@@ -72,6 +72,24 @@ def trained_runs(tokenizer, tokenized) -> list[str]:
     return runs
 
 
+# Small templates for the tiny tokenizer. CHATML never reads tool_calls. SYSTEM_ON_LAST_USER is
+# Mistral v0.3 / Nemo's habit: the system prompt goes into the last user turn only when that
+# turn is the conversation's last message, so a conversation ending with an answer loses it.
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
+    "+ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SYSTEM_ON_LAST_USER = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% if loop.last and system is defined %}{{ '[INST] ' + system + '\\n\\n' + m['content'] "
+    "+ ' [/INST]' }}{% else %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
 def save_chat_tokenizer(tokenizer, path: Path, template: str, extra: tuple[str, ...] = ()) -> str:
     """The tiny tokenizer with ``template`` and the special tokens ``extra``, saved to ``path``."""
     from transformers import PreTrainedTokenizerFast

@@ -6,23 +6,14 @@ from __future__ import annotations
 import pytest
 
 from src.datamodules import PreferenceDataModule, SFTDataModule
-from tests.conftest import conversation, save_chat_tokenizer, write_jsonl
+from tests.conftest import (
+    CHATML,
+    SYSTEM_ON_LAST_USER,
+    conversation,
+    save_chat_tokenizer,
+    write_jsonl,
+)
 
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
-    "+ '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-# Mistral v0.3 / Nemo: the system prompt goes into the last user turn only when that turn
-# is the conversation's last message, so a conversation ending with an answer loses it.
-SYSTEM_ON_LAST_USER = (
-    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-    "{% set messages = messages[1:] %}{% endif %}"
-    "{% for m in messages %}{% if m['role'] == 'user' %}"
-    "{% if loop.last and system is defined %}{{ '[INST] ' + system + '\\n\\n' + m['content'] "
-    "+ ' [/INST]' }}{% else %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endif %}"
-    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
-)
 # GLM-4.5: role tokens and no end-of-turn token; the last turn is closed by nothing.
 ROLE_TOKENS_ONLY = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% endfor %}"

@@ -22,7 +22,13 @@ from tests.chat_families import (
     TOOLS,
     build,
 )
-from tests.conftest import save_chat_tokenizer, trained_runs, write_jsonl
+from tests.conftest import (
+    CHATML,
+    SYSTEM_ON_LAST_USER,
+    save_chat_tokenizer,
+    trained_runs,
+    write_jsonl,
+)
 
 CALL = {
     "id": TOOL_CALL_ID,
@@ -208,21 +214,6 @@ def test_keep_all_gpt_oss_empty_answer_has_one_final_header(tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# Preference pairs
-
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
-    "+ '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-SYSTEM_ON_LAST_USER = (  # Mistral v0.3: the system prompt only in a last user message
-    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-    "{% set messages = messages[1:] %}{% endif %}"
-    "{% for m in messages %}{% if m['role'] == 'user' %}"
-    "{% if loop.last and system is defined %}{{ '[INST] ' + system + '\\n\\n' + m['content'] "
-    "+ ' [/INST]' }}{% else %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endif %}"
-    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
-)
 
 
 def preference(tmp_path, template: str, rows: list, tokenizer) -> PreferenceDataModule:

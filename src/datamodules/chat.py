@@ -23,6 +23,7 @@ import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from src.datamodules.reasoning import (
+    Frame,
     Reasoning,
     learn_frame,
     messages_for,
@@ -61,7 +62,7 @@ class Rendered:
 
     text: str
     spans: list[tuple[int, int]]
-    append: str | None = None  # a stop token to put after the text (and train)
+    appended: str | None = None  # a stop token to put after the text (and train)
     dropped: tuple[str, ...] = ()
     unstopped: int = 0
     turns: list[Turn] = field(default_factory=list)
@@ -319,14 +320,14 @@ class ChatEncoder:
         if not turns:
             raise ValueError("the response holds no assistant message")
         start, end = turns[0].start, turns[-1].end
-        text = rendered.text[start:end] + (rendered.append or "")
+        text = rendered.text[start:end] + (rendered.appended or "")
         spans = [(t.start - start, t.end - start) for t in turns]
-        if rendered.append:
+        if rendered.appended:
             spans[-1] = (spans[-1][0], len(text))
         return Response(rendered.text[:start], text, spans, rendered)
 
     @cached_property
-    def frame(self) -> Any:
+    def frame(self) -> Frame:
         return learn_frame(self.renderer)
 
     def encode(self, examples: list[dict[str, Any]], wheres: list[str]) -> list[Tokenized]:
@@ -342,12 +343,10 @@ class ChatEncoder:
             labels = labels_for_spans(ids, offsets, r.spans)
             if self.needs_bos(r.text):  # never two BOS: only when the template wrote none
                 ids, labels = [self.bos_id, *ids], [IGNORE_INDEX, *labels]
-            appended = None
-            if r.append is not None:
-                stop_id = self.tokenizer.convert_tokens_to_ids(r.append)
+            if r.appended is not None:
+                stop_id = self.tokenizer.convert_tokens_to_ids(r.appended)
                 ids, labels = [*ids, stop_id], [*labels, stop_id]
-                appended = r.append
-            out.append(Tokenized(ids, labels, r.dropped, r.unstopped, appended, r.empty_turns))
+            out.append(Tokenized(ids, labels, r.dropped, r.unstopped, r.appended, r.empty_turns))
         return out
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:

@@ -40,9 +40,8 @@ class SplitStats:
                 "assistant turns with no token generation stops on (set data.stop_token)",
                 example.unstopped,
             )
-        appended = getattr(example, "appended", None) or getattr(example, "append", None)
-        if appended:
-            self._note(f"last turns the template leaves open, closed with {appended}")
+        if example.appended:
+            self._note(f"last turns the template leaves open, closed with {example.appended}")
         if example.empty_turns:
             self._note("empty assistant turns, not trained", example.empty_turns)
 

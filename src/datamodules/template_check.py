@@ -158,8 +158,8 @@ def _probe(encoder: ChatEncoder, example: dict[str, Any], out: TextIO) -> list[V
         picked = [i for i, (s, _) in zip(ids, offsets, strict=True) if turn.start <= s < turn.end]
         trained = tokenizer.decode(picked, skip_special_tokens=False)
         closer = turn.closer
-        if k == len(rendered.turns) - 1 and rendered.append:
-            trained, closer = trained + rendered.append, rendered.append
+        if k == len(rendered.turns) - 1 and rendered.appended:
+            trained, closer = trained + rendered.appended, rendered.appended
         texts.append(trained)
         shown = trained[: len(trained) - len(closer)] + f"⟦{closer}⟧" if closer else trained
         print(f"  turn {k + 1} trained: {shown!r}", file=out)

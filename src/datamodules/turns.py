@@ -152,8 +152,9 @@ def profile(
         if final:
             finals.append(final)
     final = finals[0] if finals else (stops[0] if stops else None)
-    atomic = tuple(sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len))
-    return TemplateProfile(specials, atomic[::-1], stops, tuple(closers), final)
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    atomic = tuple(sorted(added, key=len, reverse=True))
+    return TemplateProfile(specials, atomic, stops, tuple(closers), final)
 
 
 def _first_of(tokens: tuple[str, ...], text: str) -> str | None:
