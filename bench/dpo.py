@@ -122,7 +122,7 @@ def run_ours(opts: argparse.Namespace, dm: Any) -> tuple[StepLog, float]:
     checksum = weights_checksum(module.model)
     log = StepLog()
     run_lightning_fit(module, {"datamodule": dm}, opts.steps, log, pair_counts, opts.seed + 1)
-    opts.facts["ours: a reference copy"] = module._reference is not None
+    opts.facts["ours: a reference copy"] = module.reference is not None and module.reference.model is not None
     return log, checksum
 
 

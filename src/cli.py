@@ -51,6 +51,30 @@ AT_LEAST_ONE = (
 LINKED_DATA_ARGS = ("tokenizer", "max_length", "chat_template")
 
 
+# What every objective's config would otherwise repeat; a config appends its own callbacks
+# with ``callbacks+:`` (``callbacks:`` replaces these).
+DEFAULT_TRAINER = {
+    "trainer.devices": 1,
+    "trainer.precision": "32-true",
+    "trainer.check_val_every_n_epoch": None,  # validation every val_check_interval steps
+    "trainer.log_every_n_steps": 10,
+    "trainer.gradient_clip_val": 1.0,
+    "trainer.num_sanity_val_steps": 0,  # ValidateOnStart logs a full validation at step 0
+}
+DEFAULT_CALLBACKS = [
+    {
+        "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+        "init_args": {"logging_interval": "step"},
+    },
+    {"class_path": "src.callbacks.ValidateOnStart"},
+    {"class_path": "src.callbacks.HFExport"},
+    {  # train/: tokens/s, samples/s, MFU, peak memory
+        "class_path": "src.callbacks.Throughput",
+        "init_args": {"every_n_steps": 10},
+    },
+]
+
+
 class LLMCLI(LightningCLI):
     """LightningCLI in subclass mode for model and data, with run-directory conventions.
 
@@ -58,6 +82,9 @@ class LLMCLI(LightningCLI):
     ``run.json``, ``checkpoints/``, ``hf/``). ``--ckpt_path`` resumes a fit as ``src.resume``
     decides: the newest checkpoint of a run continues it in place, an older one starts a new
     version; a config that would train something else is refused, naming the settings.
+
+    Defaults shared by every objective (``DEFAULT_TRAINER``, ``DEFAULT_CALLBACKS``, seed 42)
+    live here, so a config holds what makes its objective.
 
     Argument groups beside ``trainer``, ``model`` and ``data`` (each one callback, whatever
     ``trainer.callbacks`` a config lists): ``checkpoint`` (periodic and ``last.ckpt``),
@@ -113,12 +140,9 @@ class LLMCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "runs", "name": "default"},
                 },
-                "trainer.callbacks": [
-                    {
-                        "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
-                        "init_args": {"logging_interval": "step"},
-                    }
-                ],
+                "trainer.callbacks": DEFAULT_CALLBACKS,
+                **DEFAULT_TRAINER,
+                "seed_everything": 42,
             }
         )
 

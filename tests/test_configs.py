@@ -123,3 +123,46 @@ def test_every_run_has_the_safety_callbacks(sft_cli):
     )
     guard = next(c for c in cli.trainer.callbacks if isinstance(c, DivergenceGuard))
     assert guard.action == "skip"
+
+
+# ------------------------------------------------------- shared defaults, said once
+OBJECTIVES = ("sft.yaml", "dpo.yaml", "pretrain.yaml")
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_objective_configs_do_not_repeat_the_shared_defaults(name):
+    from src.cli import DEFAULT_CALLBACKS, DEFAULT_TRAINER
+
+    given = _yaml(CONFIGS / name)
+    trainer = given.get("trainer", {})
+    repeated = [key for key in DEFAULT_TRAINER if key.split(".", 1)[1] in trainer]
+    assert not repeated, f"{name} repeats {repeated}: src/cli.py sets them for every config"
+    assert "seed_everything" not in given
+    assert "callbacks" not in trainer, f"{name}: append with callbacks+, keep the defaults"
+    defaults = {c["class_path"] for c in DEFAULT_CALLBACKS}
+    own = {c["class_path"] for c in trainer.get("callbacks+", [])}
+    assert not own & defaults
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_every_objective_gets_the_shared_defaults_and_its_own_callbacks(name):
+    cli = cli_main(["--config", str(CONFIGS / name)], run=False)
+    trainer = cli.config.trainer
+    assert cli.config.seed_everything == 42
+    assert (trainer.gradient_clip_val, trainer.num_sanity_val_steps) == (1.0, 0)
+    assert (trainer.log_every_n_steps, trainer.check_val_every_n_epoch) == (10, None)
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    for shared in ("LearningRateMonitor", "ValidateOnStart", "HFExport", "Throughput"):
+        assert shared in names, (name, shared)
+    own = {"sft.yaml": {"SampleGeneration", "PredictionWriter"}, "dpo.yaml": {"SampleGeneration"}}
+    assert own.get(name, set()) <= set(names)
+    if name == "pretrain.yaml":  # no chat prompts to sample from
+        assert "SampleGeneration" not in names
+
+
+def test_callbacks_without_plus_replace_the_defaults(tmp_path):
+    own = tmp_path / "own.yaml"
+    own.write_text("trainer:\n  callbacks:\n    - class_path: src.callbacks.ValidateOnStart\n")
+    cli = cli_main(["--config", str(CONFIGS / "sft.yaml"), "--config", str(own)], run=False)
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert "ValidateOnStart" in names and "HFExport" not in names and "Throughput" not in names

@@ -53,8 +53,8 @@ def test_precomputed_logps_equal_the_reference_and_release_it(tmp_path, micro_mo
     dm, module = setup(tmp_path, micro_model_dir)
     rows = [dm.datasets["train"][i] for i in range(4)]
     live = module.reference_logps(dm.collator()(rows))
-    module._precompute(dm)
-    assert module._reference is None
+    module.precompute_reference(dm)
+    assert module.reference.model is None
     for split in ("train", "val"):
         assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(dm.datasets[split].column_names)
     batch = dm.collator()([dm.datasets["train"][i] for i in range(4)])
@@ -65,7 +65,7 @@ def test_precomputed_logps_equal_the_reference_and_release_it(tmp_path, micro_mo
 
 def test_a_second_run_loads_them_from_the_data_cache(tmp_path, micro_model_dir, monkeypatch):
     dm, module = setup(tmp_path, micro_model_dir)
-    module._precompute(dm)
+    module.precompute_reference(dm)
     first = dm.datasets["train"]["ref_chosen_logps"]
     dm2, module2 = setup(tmp_path, micro_model_dir)  # same seed: the same reference weights
 
@@ -73,7 +73,7 @@ def test_a_second_run_loads_them_from_the_data_cache(tmp_path, micro_model_dir, 
         raise AssertionError("computed again")
 
     monkeypatch.setattr(DPOModule, "reference_logps", fail)
-    module2._precompute(dm2)
+    module2.precompute_reference(dm2)
     assert dm2.datasets["train"]["ref_chosen_logps"] == first
 
 
@@ -96,7 +96,7 @@ def fit_dpo(tmp_path, micro_model_dir, steps: int, ckpt_path=None, cache="cache"
         limit_val_batches=0,
     )
     trainer.fit(module, dm, ckpt_path=ckpt_path)
-    assert module._reference is None  # no copy was ever made
+    assert module.reference.model is None  # no copy was ever made
     return dm, trainer
 
 

@@ -193,12 +193,12 @@ def test_qlora_from_scratch_is_refused_before_any_gpu_check():
 def test_precomputing_reference_log_probs_reports_progress(tmp_path, micro_model_dir, caplog):
     caplog.set_level(logging.INFO)
     dm, module = precompute_setup(tmp_path, micro_model_dir)  # 8 training pairs, 2 held out
-    module._precompute(dm)
+    module.precompute_reference(dm)
     lines = [r.getMessage() for r in caplog.records if "reference log-probs of" in r.getMessage()]
     assert lines == [
-        "[dpo] reference log-probs of train: 4/8 pairs",
-        "[dpo] reference log-probs of train: 8/8 pairs",
-        "[dpo] reference log-probs of val: 2/2 pairs",
+        "[data] reference log-probs of train: 4/8 pairs",
+        "[data] reference log-probs of train: 8/8 pairs",
+        "[data] reference log-probs of val: 2/2 pairs",
     ]
 
 

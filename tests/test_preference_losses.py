@@ -415,13 +415,13 @@ def test_ipo_starts_at_the_squared_target_margin(micro_model_dir, batch):
 
 def test_reference_is_frozen_and_outside_the_checkpoint(micro_model_dir, batch):
     module = dpo_module(micro_model_dir, loss_type="sigmoid")
-    reference = module._reference
+    reference = module.reference.model
     assert reference is not None and reference is not module.model
     ref_tensors = {p.data_ptr() for p in reference.parameters()}
     assert all(not p.requires_grad for p in reference.parameters())
     assert not any(p.data_ptr() in ref_tensors for p in module.parameters())
     state = module.state_dict()
-    assert not any("_reference" in key for key in state)
+    assert not any("reference" in key for key in state)
     assert not any(v.data_ptr() in ref_tensors for v in state.values())
     assert len(state) == len(module.model.state_dict())
 
@@ -469,7 +469,7 @@ def test_module_loss_matches_trl_on_its_own_logps(
 def test_lora_reference_is_the_base_model_with_adapters_disabled(micro_model_dir, batch):
     lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
     module = dpo_module(micro_model_dir, loss_type="sigmoid", lora=lora)
-    assert module._reference is None  # no copy of the model
+    assert module.reference.mode == "adapters_off" and module.reference.model is None
     base = copy.deepcopy(module.model).unload()  # the base model, adapters removed by peft
     inputs = _concatenated(batch)
 
@@ -498,7 +498,7 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(micro_model_dir
 def test_simpo_needs_no_reference(micro_model_dir, batch):
     beta, gamma = 2.0, 0.5
     module = dpo_module(micro_model_dir, loss_type="simpo", beta=beta, gamma=gamma)
-    assert not module.needs_reference and module._reference is None
+    assert module.reference is None
     assert module.sft_weight == 0.0
     terms = module.loss_terms(batch)
     logps, counts = policy_logps(module, batch)
@@ -511,7 +511,7 @@ def test_simpo_needs_no_reference(micro_model_dir, batch):
 
 def test_orpo_needs_no_reference_and_adds_the_chosen_nll(micro_model_dir, batch):
     module = dpo_module(micro_model_dir, loss_type="orpo", beta=BETA)
-    assert not module.needs_reference and module._reference is None
+    assert module.reference is None
     assert module.sft_weight == 1.0
     terms = module.loss_terms(batch)
     # chosen and rejected through separate forwards, not the module's concatenated one

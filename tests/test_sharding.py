@@ -167,11 +167,11 @@ def test_engine_style_loss_scaling_gives_the_step_mean(micro_model_dir):
 
 
 def test_dpo_reference_is_sharded_like_the_policy_under_fsdp(micro_model_dir, monkeypatch):
-    import src.modules.dpo as dpo
+    import src.modules.reference as reference
     from src.modules import DPOModule
 
     sharded = []
-    monkeypatch.setattr(dpo, "shard_like_policy", lambda s, m: sharded.append(m) or "sharded")
+    monkeypatch.setattr(reference, "shard_like_policy", lambda s, m: sharded.append(m) or "sharded")
 
     class FakeTrainer:
         strategy = LayerFSDPStrategy()
@@ -181,7 +181,7 @@ def test_dpo_reference_is_sharded_like_the_policy_under_fsdp(micro_model_dir, mo
     module = DPOModule(model_name_or_path=str(micro_model_dir), from_scratch=True)
     module._trainer = FakeTrainer()
     module.configure_model()
-    copy = module._reference
+    copy = module.reference.model
     assert copy is not None and copy is not module.model
     module.on_fit_start()
-    assert sharded == [copy] and module._reference == "sharded"
+    assert sharded == [copy] and module.reference.model == "sharded"

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from itertools import accumulate, chain
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import datasets
 import pyarrow as pa
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from src.datamodules.chat import clear_padding
@@ -123,3 +125,62 @@ def load(
         for split in stats
     }
     return splits, stats, json.loads((path / "extras.json").read_text())
+
+
+Score = Callable[[dict[str, Any]], dict[str, Any]]  # a collated batch -> a value per row
+
+
+def add_scored_columns(
+    splits: dict[str, datasets.Dataset],
+    columns: tuple[str, ...],
+    score: Score | None,
+    store: Path | None,
+    collate: Callable[[list[dict]], dict[str, Any]],
+    batch_size: int,
+    label: str = "scores",
+    unit: str = "rows",
+) -> dict[str, datasets.Dataset]:
+    """The splits with ``columns`` added: loaded from ``store/<split>`` when a run stored
+    them, else computed by ``score`` batch by batch and stored there.
+
+    ``score=None`` means they can no longer be computed: a split that needs them and finds
+    none stored raises ``LookupError`` naming it.
+    """
+    if score is None:
+        missing = [
+            split
+            for split, data in splits.items()
+            if len(data)
+            and columns[0] not in data.column_names
+            and (store is None or not (store / split).exists())
+        ]
+        if missing:
+            raise LookupError(f"{', '.join(columns)} of {', '.join(missing)} are not stored")
+    out = dict(splits)
+    for split, data in splits.items():
+        if len(data) == 0 or columns[0] in data.column_names:
+            continue
+        if store is not None and (store / split).exists():
+            out[split] = datasets.load_from_disk(str(store / split))
+            continue
+        values: dict[str, list] = {name: [] for name in columns}
+        every = max(1, -(-len(data) // batch_size) // 10)  # about ten lines a split, in any log
+        for n, start in enumerate(range(0, len(data), batch_size)):
+            rows = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            for name, value in score(collate(rows)).items():
+                values[name] += value.detach().float().cpu().tolist()
+            done, total = start + len(rows), len(data)
+            if (n + 1) % every == 0 or done == total:
+                rank_zero_info(f"[data] {label} of {split}: {done}/{total} {unit}")
+        for name in columns:
+            data = data.add_column(name, values[name])
+        if store is not None:  # written aside, then renamed: ranks may race
+            tmp = store / f"{split}.tmp-{uuid.uuid4().hex[:8]}"
+            data.save_to_disk(str(tmp))
+            try:
+                os.rename(tmp, store / split)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            data = datasets.load_from_disk(str(store / split))
+        out[split] = data
+    return out

@@ -5,6 +5,26 @@ with weight-decay groups, the per-step schedule, and exact loss accounting: an o
 returns a *sum* over its units (label tokens, preference pairs) and their count, and the
 gradients of an optimizer step are rescaled so that the step's loss is the mean over every
 unit of the step, across gradient-accumulation micro-batches and devices.
+
+Reading one optimizer step of ``A`` micro-batches on ``W`` devices:
+
+1. ``loss_terms(batch)`` (the objective) returns ``S``, the loss summed over the batch's
+   units, and ``n``, their count (label tokens, or pairs).
+2. ``training_step`` adds ``S``, ``n`` and the metric sums to the step's sums and returns
+   ``S / D`` (``D = loss_divisor``, a constant that keeps fp16 in range). Lightning divides
+   what it returns by ``A`` before backward, and DDP/FSDP average gradients over the ``W``
+   devices, so after ``A`` micro-batches each gradient is ``sum of grad(S) / (A * W * D)``.
+3. ``on_before_optimizer_step`` sums ``n`` over micro-batches and devices into ``N`` and
+   multiplies every gradient by ``A * W * D / N``: the gradient of ``sum(S) / N``, the mean
+   loss over every unit of the step, however the units fell across micro-batches and
+   devices. It logs that mean, the gradient norm (before Lightning clips, which follows),
+   and the other means.
+4. The optimizer steps, and the learning-rate schedule of ``configure_optimizers`` steps
+   with it (``interval: step``).
+
+Under DeepSpeed the engine keeps the gradients: each micro-batch is a whole step
+(``accumulate_grad_batches`` 1) and ``training_step`` returns ``S * W / N`` with ``N`` reduced
+over devices before backward; the engine's average over devices leaves ``sum(S) / N``.
 """
 
 from __future__ import annotations

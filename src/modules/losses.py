@@ -1,8 +1,10 @@
-"""Losses as pure functions of logits and labels (and, later, of log-probabilities)."""
+"""Losses as pure functions of logits and labels, and of per-sequence log-probabilities."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -158,5 +160,35 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-REFERENCE_FREE = {"simpo", "orpo"}
-LENGTH_NORMALISED = {"ipo", "simpo", "orpo"}
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A row of the loss table: how the DPO module calls one loss function.
+
+    Attributes:
+        fn: ``fn(chosen, rejected[, ref_chosen, ref_rejected], beta=..., **options)`` returning
+            (loss per pair, chosen reward, rejected reward).
+        needs_reference: Whether ``fn`` takes the reference's log-probabilities.
+        per_token_mean: Whether log-probabilities are passed as per-token means (else sums).
+        options: Further settings of the module passed to ``fn`` by name.
+        nll_weight: A fixed weight of the NLL on chosen that the loss includes (ORPO), else
+            None and the module's ``sft_weight`` applies.
+    """
+
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    needs_reference: bool = True
+    per_token_mean: bool = False
+    options: tuple[str, ...] = ()
+    nll_weight: float | None = None
+
+
+# ``loss_type`` -> its row; a new loss is one function above and one row here
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "sigmoid": PreferenceLoss(sigmoid_loss, options=("label_smoothing",)),
+    "ipo": PreferenceLoss(ipo_loss, per_token_mean=True),
+    "hinge": PreferenceLoss(hinge_loss),
+    "robust": PreferenceLoss(robust_loss, options=("label_smoothing",)),
+    "simpo": PreferenceLoss(
+        simpo_loss, needs_reference=False, per_token_mean=True, options=("gamma",)
+    ),
+    "orpo": PreferenceLoss(orpo_loss, needs_reference=False, per_token_mean=True, nll_weight=1.0),
+}
