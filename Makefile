@@ -1,6 +1,6 @@
 # Run `make help` for the list of targets.
 # TORCH picks the torch build: the default pin gets the CPU wheel where one is cached and the
-# CUDA wheel from PyPI elsewhere; e.g. `make train TORCH="torch==2.5.1"` for your own build.
+# CUDA wheel from PyPI elsewhere; e.g. `make train TORCH="torch==2.8.0"` for your own build.
 # CONSTRAINTS pins every other package to the versions the README's figures were measured with;
 # `make install CONSTRAINTS=` takes the newest releases instead, `make lock` re-pins them.
 PYTHON ?= python3
@@ -39,10 +39,10 @@ train: $(STAMP) ## Train on the embedded default (CONFIG=configs/sft.yaml, ARGS=
 	$(BIN)/python train.py fit --config $(CONFIG) $(ARGS)
 
 preview: $(STAMP) ## Data statistics and examples with the trained tokens marked (CONFIG=..., ARGS=...)
-	$(BIN)/python -m src.datamodules.preview --config $(CONFIG) $(ARGS)
+	$(BIN)/python -m src.preview --config $(CONFIG) $(ARGS)
 
 check-template: $(STAMP) ## Probe the chat template of CONFIG's tokenizer; fails on a wrong mask
-	$(BIN)/python -m src.datamodules.preview --check-template --config $(CONFIG) $(ARGS)
+	$(BIN)/python -m src.preview --check-template --config $(CONFIG) $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest -q $(ARGS)

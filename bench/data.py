@@ -117,7 +117,7 @@ def read_examples(path: Path, fmt: str) -> tuple[list[dict[str, Any]], dict[str,
     converts them), and how many rows of each format it holds."""
     from collections import Counter
 
-    from src.datamodules.formats import CHAT_FORMATS, detect_format, to_sft_example
+    from src.datamodules.formats import detect_format, format_names, to_sft_example
     from src.datamodules.sources import Source
 
     examples, formats = [], Counter()
@@ -125,7 +125,7 @@ def read_examples(path: Path, fmt: str) -> tuple[list[dict[str, Any]], dict[str,
         examples.append(to_sft_example(record, fmt))
         name = fmt
         if fmt == "auto":
-            name = detect_format(record.row, record.where, (*CHAT_FORMATS, "text"))
+            name = detect_format(record.row, record.where, format_names("chat", "text"))
         formats[name] += 1
     return examples, dict(formats)
 
@@ -257,7 +257,7 @@ def trl_single(trainer: Any, args: Any, row: dict[str, Any]) -> dict[str, list[i
 # ------------------------------------------------------------------------------- main
 def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # interleave with the [data] log lines
-    from src.datamodules.formats import CHAT_FORMATS
+    from src.datamodules.formats import format_names
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20000, help="conversations")
@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument(
         "--format",
         default="auto",
-        choices=("auto", *CHAT_FORMATS, "text"),  # what SFTDataModule reads
+        choices=("auto", *format_names("chat", "text")),  # what SFTDataModule reads
         help="the row format of --file",
     )
     opts = parser.parse_args()

@@ -122,7 +122,8 @@ def run_ours(opts: argparse.Namespace, dm: Any) -> tuple[StepLog, float]:
     checksum = weights_checksum(module.model)
     log = StepLog()
     run_lightning_fit(module, {"datamodule": dm}, opts.steps, log, pair_counts, opts.seed + 1)
-    opts.facts["ours: a reference copy"] = module.reference is not None and module.reference.model is not None
+    reference = module.reference
+    opts.facts["ours: a reference copy"] = reference is not None and reference.model is not None
     return log, checksum
 
 
@@ -272,6 +273,7 @@ class SFTOnPairs:
             for key in ("input_ids", "attention_mask", "labels")
         }
         out["real_tokens"] = batch["real_tokens"]
+        out["token_slots"] = batch["token_slots"]
         return out
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.callbacks.hf_export import export  # noqa: E402
 from src.checkpoint_io import read_checkpoint  # noqa: E402
 from src.cli import LINKED_DATA_ARGS  # noqa: E402
+from src.compat import load_distributed_checkpoint  # noqa: E402
 from src.modules.base import CausalLMModule  # noqa: E402
 from src.strategies import model_key  # noqa: E402
 
@@ -37,9 +38,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_dir():
         raise SystemExit(f"export: no checkpoint at {path}")
     if (path / ".metadata").exists():  # torch.distributed.checkpoint: sharded FSDP
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        return _load_distributed_checkpoint(path)["model"]
+        return load_distributed_checkpoint(path)["model"]
     if (path / "checkpoint").is_dir() or (path / "latest").exists():  # DeepSpeed
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -17,10 +17,15 @@ from typing import IO, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
+
+from src.compat import (
+    fsdp_saves_full_state,
+    replace_wrapped_checkpoint_io,
+    saves_distributed_checkpoint,
+)
 
 # ".last.ckpt.tmp-<pid>-<hex>": hidden, and not ending in ".ckpt", so globs for checkpoints
 # (``--ckpt_path last``, ``keep_last`` pruning) never see a half-written file.
@@ -41,7 +46,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._in_flight: set[Path] = set()
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
@@ -87,7 +92,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def read_checkpoint(path: _PATH, mmap: bool = False) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """A single-file checkpoint of this template's own runs, on the CPU.
 
     Read with the tensors-only unpickler first; a file holding objects beyond tensors (a
@@ -116,9 +121,9 @@ def saves_single_file(strategy: Strategy) -> bool:
     alone too.
     """
     if isinstance(strategy, FSDPStrategy):
-        return getattr(strategy, "_state_dict_type", None) == "full"
+        return fsdp_saves_full_state(strategy)
     if isinstance(strategy, ModelParallelStrategy):
-        return getattr(strategy, "_save_distributed_checkpoint", True) is False
+        return not saves_distributed_checkpoint(strategy)
     return type(strategy).save_checkpoint is Strategy.save_checkpoint
 
 
@@ -137,7 +142,7 @@ def install_atomic_io(strategy: Strategy) -> bool:
         strategy.checkpoint_io = AtomicCheckpointIO()
         return True
     if isinstance(io, AsyncCheckpointIO) and type(io.checkpoint_io) is TorchCheckpointIO:
-        io._checkpoint_io = AtomicCheckpointIO()  # the public setter keeps an already set base
+        replace_wrapped_checkpoint_io(io, AtomicCheckpointIO())
         return True
     return False
 

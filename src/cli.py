@@ -24,6 +24,7 @@ from src.callbacks.divergence import DivergenceGuard
 from src.callbacks.preemption import Preemption
 from src.callbacks.progress import default_progress_bar
 from src.callbacks.run_record import RunRecord
+from src.compat import parser_actions, parser_of, subcommand_parsers
 from src.datamodules.base import BaseDataModule
 from src.errors import ConfigError, explain_parse_error, one_line
 from src.modules.adapters import qlora_problem
@@ -110,7 +111,7 @@ class LLMCLI(LightningCLI):
 
     def _parser_for(self, argv: list[str]) -> LightningArgumentParser:
         """The parser that reads ``argv``: its subcommand's, or the only one."""
-        subparsers = getattr(self, "_subcommand_parsers", {})
+        subparsers = subcommand_parsers(self)
         subcommand = next((a for a in argv if a in subparsers), None)
         return subparsers[subcommand] if subcommand else self.parser
 
@@ -161,7 +162,7 @@ class LLMCLI(LightningCLI):
             config["ckpt_path"], _ = resolve_checkpoint(config["ckpt_path"], experiment_dir)
             return
         given = yaml.safe_load(
-            self._parser(self.subcommand).dump(config, skip_none=False, skip_check=True)
+            parser_of(self, self.subcommand).dump(config, skip_none=False, skip_check=True)
         )
         allow = config.get("allow_changes") or []
         resume = plan_resume(config["ckpt_path"], experiment_dir, given, allow, args.get("version"))
@@ -169,6 +170,10 @@ class LLMCLI(LightningCLI):
         args["version"] = resume.version  # the run continued, a name given, or the next one
         self.save_config_kwargs = {**self.save_config_kwargs, "resume": resume}
 
+    def after_instantiate_classes(self) -> None:
+        share_tokenizer(self.model, self.datamodule)
+
+    # a private hook of LightningCLI: checked by src.compat.PRIVATE_HOOKS
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         given = config.get("callbacks") or []
         given = [*(given if isinstance(given, list) else [given]), *callbacks]
@@ -185,10 +190,21 @@ class LLMCLI(LightningCLI):
             raise ConfigError(f"trainer: {one_line(err)}") from err
 
 
+def share_tokenizer(model: Any, datamodule: Any) -> None:
+    """Hand the model's tokenizer to the data module when it would load the same one: one
+    load per run. Safe to share: after loading neither side changes it for good (generation
+    switches the padding side and restores it, and clears the backend padding it leaves)."""
+    key = getattr(model, "tokenizer_key", None)
+    if key is None or key != getattr(datamodule, "tokenizer_key", None):
+        return
+    if "tokenizer" not in vars(datamodule):  # not loaded (nor set) yet
+        datamodule.tokenizer = model.tokenizer
+
+
 def parser_keys(parser: LightningArgumentParser) -> list[str]:
     """Every dotted key ``parser`` accepts (``trainer.max_steps``, ``model``, ...)."""
     skip = ("help", "print_config", "print_shtab")
-    keys = (a.dest for a in parser._actions if a.dest not in skip)
+    keys = (a.dest for a in parser_actions(parser) if a.dest not in skip)
     return [k for k in dict.fromkeys(keys) if not k.endswith(".help")]
 
 

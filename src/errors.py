@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from glob import glob
 from pathlib import Path
 
+from src.compat import parser_actions
+
 
 class ConfigError(ValueError):
     """A setting, or a combination of settings, that cannot work as given."""
@@ -346,7 +348,7 @@ def _options_of(cls: object) -> list[str]:
         parser.add_class_arguments(cls, fail_untyped=False, sub_configs=True)
     except Exception:  # a class jsonargparse cannot read: no list rather than no message
         return []
-    names = (a.dest.split(".")[0] for a in parser._actions)
+    names = (a.dest.split(".")[0] for a in parser_actions(parser))
     return [n for n in dict.fromkeys(names) if n not in ("help", "params")]
 
 

@@ -19,6 +19,16 @@ from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers import PreTrainedModel
 
+from src.compat import (
+    activation_checkpointing_policy,
+    attached_trainer,
+    no_split_modules,
+    redirect_forward,
+    set_wrap_classes,
+    without_wrapper_prefixes,
+    zero3_full_state_dict,
+)
+
 # optional packages: import name -> (distribution, how to install it)
 OPTIONAL_PACKAGES = {
     "deepspeed": ("deepspeed", "pip install -e '.[deepspeed]'"),
@@ -71,7 +81,7 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
     names: set[str] = set()
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
-            names.update(module._no_split_modules or [])
+            names.update(no_split_modules(module))
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not classes:
         raise ValueError(
@@ -88,8 +98,7 @@ class DecoderLayerPolicy(ModuleWrapPolicy):
         super().__init__(set())
 
     def fill(self, model: torch.nn.Module) -> None:
-        self._module_classes = decoder_layer_classes(model)
-        self._module_classes_str = str(self._module_classes)
+        set_wrap_classes(self, decoder_layer_classes(model))
 
 
 class LayerFSDPStrategy(FSDPStrategy):
@@ -110,9 +119,9 @@ class LayerFSDPStrategy(FSDPStrategy):
         super().__init__(*args, **kwargs)
         self.checkpoint_layers = checkpoint_layers
 
+    # a private hook of FSDPStrategy: checked by src.compat.PRIVATE_HOOKS
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        policies = [self.kwargs.get("auto_wrap_policy")]
-        policies.append(self._activation_checkpointing_kwargs.get("auto_wrap_policy"))
+        policies = [self.kwargs.get("auto_wrap_policy"), activation_checkpointing_policy(self)]
         for policy in policies:
             if isinstance(policy, DecoderLayerPolicy):
                 policy.fill(model)
@@ -163,9 +172,10 @@ def call_outside_step(module: pl.LightningModule, method: str, *args: Any) -> An
     Under FSDP the call goes through the root wrapper's forward, so the parameters it holds
     (embeddings, final norm, ...) are gathered as in a step; elsewhere it is a plain call.
     """
-    strategy = module._trainer.strategy if module._trainer is not None else None
+    trainer = attached_trainer(module)
+    strategy = trainer.strategy if trainer is not None else None
     if strategy is not None and is_fsdp(strategy) and strategy.model is not module:
-        return strategy._forward_redirection(strategy.model, module, method, *args)
+        return redirect_forward(strategy, module, method, *args)
     return getattr(module, method)(*args)
 
 
@@ -186,7 +196,7 @@ def full_state_dict(trainer: pl.Trainer, module: pl.LightningModule) -> dict | N
             strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
     elif zero_stage(strategy) == 3:
-        state = strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
+        state = zero3_full_state_dict(strategy.deepspeed_engine)
     else:
         return None
     return strip_prefixes(state) if trainer.is_global_zero else {}
@@ -199,7 +209,5 @@ def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
 
 def model_key(name: str) -> str:
     """A parameter's name inside the Hugging Face model, without strategy wrappers."""
-    for wrapper in ("_forward_module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
-        name = name.replace(wrapper, "")
-    name = name.replace("_orig_mod.", "").removeprefix("module.")
+    name = without_wrapper_prefixes(name).removeprefix("module.")
     return name.removeprefix("model.")  # the LightningModule's attribute

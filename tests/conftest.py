@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from src.datamodules.base import load_tokenizer
+    from src.datamodules.tokenizer import load_tokenizer
 
     return load_tokenizer(str(ASSETS))
 

@@ -42,7 +42,7 @@ def test_a_template_that_rejects_a_row_names_the_row(tmp_path):
 
 
 def test_built_in_templates_accept_a_conversation_opening_with_the_assistant(tokenizer):
-    from src.datamodules.base import load_tokenizer
+    from src.datamodules.tokenizer import load_tokenizer
 
     messages = [
         {"role": "assistant", "content": "Hello! Ask me anything."},

@@ -16,7 +16,6 @@ import pytest
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from src.datamodules.base import load_tokenizer
 from src.datamodules.chat import (
     IGNORE_INDEX,
     ChatEncoder,
@@ -26,6 +25,7 @@ from src.datamodules.chat import (
 )
 from src.datamodules.records import DataError
 from src.datamodules.templates import BUILTIN_TEMPLATES
+from src.datamodules.tokenizer import load_tokenizer
 from tests.chat_families import GEMMA3 as GEMMA
 from tests.chat_families import LLAMA31, QWEN3, QWEN25, ZEPHYR
 from tests.conftest import ASSETS, trained_runs

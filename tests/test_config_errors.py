@@ -19,10 +19,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from src.callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 from src.cli import cli_main
+from src.compat import lightning_has_rich
 from src.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -350,7 +350,7 @@ def fit_with(bar, tmp_path, **limits) -> str:
 
 @pytest.mark.parametrize("bar", [StepRichProgressBar, StepTQDMProgressBar])
 def test_a_step_bounded_run_shows_steps_not_epoch_minus_two(bar, tmp_path):
-    if bar is StepRichProgressBar and not _RICH_AVAILABLE:
+    if bar is StepRichProgressBar and not lightning_has_rich():
         pytest.skip("rich is not installed")
     # 4 batches an epoch: step 6 is in the second epoch (Lightning's bar: "Epoch 1/-2")
     assert fit_with(bar(), tmp_path, max_steps=6) == "step 6/6 (epoch 1)"
@@ -358,7 +358,7 @@ def test_a_step_bounded_run_shows_steps_not_epoch_minus_two(bar, tmp_path):
 
 @pytest.mark.parametrize("bar", [StepRichProgressBar, StepTQDMProgressBar])
 def test_an_epoch_bounded_run_reads_as_lightning_s(bar, tmp_path):
-    if bar is StepRichProgressBar and not _RICH_AVAILABLE:
+    if bar is StepRichProgressBar and not lightning_has_rich():
         pytest.skip("rich is not installed")
     expected = "Epoch 1/1" if bar is StepRichProgressBar else "Epoch 1"
     assert fit_with(bar(), tmp_path, max_epochs=2) == expected
@@ -370,7 +370,7 @@ def cli_trainer(*extra: str) -> pl.Trainer:
 
 
 def test_every_run_gets_the_step_bar_unless_its_config_names_one():
-    expected = StepRichProgressBar if _RICH_AVAILABLE else StepTQDMProgressBar
+    expected = StepRichProgressBar if lightning_has_rich() else StepTQDMProgressBar
     assert type(cli_trainer().progress_bar_callback) is expected
     own = cli_trainer("--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar")
     assert type(own.progress_bar_callback) is TQDMProgressBar

@@ -13,8 +13,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from src.callbacks import generate
 from src.cli import cli_main
+from src.generation import generate
 from tests.conftest import ROOT, conversation, write_jsonl
 
 pytestmark = pytest.mark.slow

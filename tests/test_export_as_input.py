@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from src.callbacks.generation import generate
 from src.callbacks.hf_export import export
 from src.datamodules import PreferenceDataModule, PretrainDataModule, SFTDataModule
-from src.datamodules.base import load_tokenizer
 from src.datamodules.chat import encode_texts, encode_with_offsets
+from src.datamodules.tokenizer import load_tokenizer
+from src.generation import generate
 from tests.conftest import ASSETS, ROOT
 
 DEMO = ROOT / "data" / "demo"

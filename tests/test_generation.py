@@ -14,11 +14,12 @@ from lightning.pytorch.loggers import Logger
 from torchmetrics.functional.text import bleu_score
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from src.callbacks import SampleGeneration, generate
+from src.callbacks import SampleGeneration
 from src.callbacks.generation import generation_metrics
 from src.cli import cli_main
 from src.datamodules import DataError, SFTDataModule
 from src.datamodules.sft import read_prompts
+from src.generation import generate
 from src.modules import SFTModule
 from tests.conftest import ASSETS, ROOT, conversation, write_jsonl
 

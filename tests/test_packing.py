@@ -125,13 +125,14 @@ def test_collator_hand_example_of_packed_rows():
         [-100, 12, -100, 14, 15, -100, -100, -100],
         [-100, 22, 23, -100, -100, -100, -100, -100],
     ]
-    assert batch["real_tokens"].item() == 8
+    assert (batch["real_tokens"].item(), batch["token_slots"].item()) == (8, 16)
 
     flat = Collator(pad_token_id=0, padding_free=True)(rows)
     assert flat["input_ids"].tolist() == [[11, 12, 13, 14, 15, 21, 22, 23]]
     assert flat["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 1, 2]]
     assert flat["labels"].tolist() == [[-100, 12, -100, 14, 15, -100, 22, 23]]
     assert "attention_mask" not in flat and flat["real_tokens"].item() == 8
+    assert flat["token_slots"].item() == 8
 
 
 def test_collator_positions_restart_for_every_document():
@@ -179,7 +180,7 @@ def test_collator_unpacked_rows_get_an_attention_mask():
     assert "position_ids" not in batch
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, 9, -100]]
-    assert batch["real_tokens"].item() == 5
+    assert (batch["real_tokens"].item(), batch["token_slots"].item()) == (5, 6)
 
 
 # ------------------------------------------------------- packed forward == separate forwards

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from src.datamodules.preview import main
+from src.preview import main
 from tests.conftest import ROOT, conversation, write_jsonl
 
 

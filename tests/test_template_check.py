@@ -8,8 +8,8 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from src.datamodules.chat import ChatEncoder, generation_stop_ids
-from src.datamodules.preview import main
 from src.datamodules.template_check import PROBES, check_template
+from src.preview import main
 from tests.chat_families import FAMILIES, build
 from tests.conftest import ASSETS, ROOT, save_chat_tokenizer
 

@@ -15,6 +15,7 @@ from src.callbacks import Throughput
 from src.callbacks import throughput as throughput_module
 from src.callbacks.throughput import device_peak_tflops, flops_per_token, non_embedding_params
 from src.datamodules import SFTDataModule
+from src.datamodules.collate import PreferenceCollator
 from src.modules import SFTModule
 from tests.conftest import ASSETS, conversation, write_jsonl
 
@@ -89,12 +90,15 @@ def test_arguments_are_checked():
 def test_preference_pairs_count_as_one_sample_and_both_sides():
     callback = Throughput()
     ids = torch.zeros(3, 10, dtype=torch.long)
-    callback._count(
-        {"chosen_input_ids": ids, "rejected_input_ids": ids, "real_tokens": torch.tensor(41)}
-    )
-    assert (callback._real, callback._samples, callback._slots) == (41, 3, 60)
-    callback._count({"input_ids": ids})  # no real_tokens: every slot counts
-    assert (callback._real, callback._samples, callback._slots) == (71, 6, 90)
+    rows = [
+        {"chosen_input_ids": [1] * n, "chosen_labels": [1] * n}
+        | {"rejected_input_ids": [2] * 10, "rejected_labels": [2] * 10}
+        for n in (4, 7, 10)
+    ]
+    callback._count(PreferenceCollator(pad_token_id=0)(rows))  # 3 pairs 10 wide: 60 slots
+    assert (callback._real, callback._samples, callback._slots) == (51, 3, 60)
+    callback._count({"input_ids": ids})  # another collator's batch: every slot counts
+    assert (callback._real, callback._samples, callback._slots) == (81, 6, 90)
 
 
 class FakeClock(pl.Callback):

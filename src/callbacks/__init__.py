@@ -1,9 +1,11 @@
-"""Callbacks: sample generation, validation at step 0, Hugging Face export,
-predictions to JSON Lines, progress bars that count steps."""
+"""Callbacks, each importable as ``src.callbacks.<Name>`` (the class path configs use):
+sample generation, validation at step 0, Hugging Face export, predictions to JSON Lines,
+checkpoints (periodic, best, early stopping), throughput and MFU, the divergence guard,
+preemption, progress bars that count steps, and the run record."""
 
 from src.callbacks.checkpoint import BestCheckpoint, EarlyStop, RunCheckpoint
 from src.callbacks.divergence import DivergenceError, DivergenceGuard
-from src.callbacks.generation import SampleGeneration, generate
+from src.callbacks.generation import SampleGeneration
 from src.callbacks.hf_export import HFExport
 from src.callbacks.prediction_writer import PredictionWriter
 from src.callbacks.preemption import Preemption
@@ -27,5 +29,4 @@ __all__ = [
     "StepTQDMProgressBar",
     "Throughput",
     "ValidateOnStart",
-    "generate",
 ]

@@ -51,6 +51,8 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         install_atomic_io(trainer.strategy)
 
+    # ModelCheckpoint's private members used here and in save_last_now: checked by
+    # src.compat.PRIVATE_HOOKS
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -72,6 +74,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._save_checkpoint(trainer, path)
         return path
 
+    # a private hook of ModelCheckpoint: checked by src.compat.PRIVATE_HOOKS
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
         super()._save_topk_checkpoint(trainer, monitor_candidates)
         # The save above has returned, so the new file is complete before older ones go.
@@ -193,6 +196,7 @@ class EarlyStop(EarlyStopping):
         )
         self.patience = patience  # type: ignore[assignment]
 
+    # a private hook of EarlyStopping: checked by src.compat.PRIVATE_HOOKS
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
         if self.patience is None:
             return

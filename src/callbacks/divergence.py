@@ -8,11 +8,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from src.compat import without_wrapper_prefixes
 from src.strategies import engine_owns_gradients
 
 Action = Literal["stop", "skip"]
-
-_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 class DivergenceError(RuntimeError):
@@ -171,9 +170,7 @@ class DivergenceGuard(pl.Callback):
                 grad = grad.to_local()
             if grad.numel() == 0:
                 continue
-            for wrapper in _WRAPPERS:
-                name = name.replace(wrapper, "")
-            names.append(name)
+            names.append(without_wrapper_prefixes(name))
             grads.append(grad.detach())
         return names, grads
 

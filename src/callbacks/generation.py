@@ -13,69 +13,16 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.functional.text import bleu_score, rouge_score
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from src.callbacks.run_dir import run_dir
-from src.datamodules.chat import clear_padding, generation_stop_ids, missing_bos
 from src.datamodules.sft import read_prompts
+from src.generation import Message
 from src.strategies import call_outside_step, parameters_are_sharded
 
-Message = dict[str, Any]
 Prompt = str | list[Message]
 Sample = tuple[list[Message], str]  # prompt messages, reference answer ("" if none)
 MetricName = Literal["exact_match", "bleu", "rouge_l"]
 METRICS: tuple[str, ...] = ("exact_match", "bleu", "rouge_l")
-
-
-@torch.no_grad()
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[Message]],
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    synced_gpus: bool = False,
-    top_p: float | None = None,
-) -> list[str]:
-    """Completions of chat prompts (rendered with the generation prompt), batched, left-padded.
-
-    ``synced_gpus`` keeps every rank stepping until all are done, for sharded models whose
-    forward passes are collectives. ``top_p`` (nucleus sampling) applies with ``do_sample``.
-    """
-    texts = [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    # the same BOS rule as the training rows (see ChatEncoder.encode)
-    texts = [t if missing_bos(tokenizer, t) is None else tokenizer.bos_token + t for t in texts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-        clear_padding(tokenizer)  # the shared tokenizer goes back to encoding unpadded
-    enc = enc.to(model.device)
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=generation_stop_ids(tokenizer),
-            use_cache=True,
-            synced_gpus=synced_gpus,
-        )
-    finally:
-        model.train(was_training)
-    new_tokens = out[:, enc["input_ids"].shape[1] :]
-    return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def generation_metrics(

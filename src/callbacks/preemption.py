@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.callbacks.checkpoint import RunCheckpoint
+from src.compat import cluster_environment
 
 
 class Preempted(SIGTERMException):
@@ -152,7 +153,7 @@ class Preemption(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.signals:
             return
-        environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+        environment = cluster_environment(trainer)
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
             environment.auto_requeue = False  # read when Lightning registers its handlers
             rank_zero_info("[preemption] replaces Lightning's SLURM auto-requeue")

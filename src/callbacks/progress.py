@@ -12,7 +12,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+from src.compat import lightning_has_rich
 
 
 def step_description(trainer: pl.Trainer) -> str | None:
@@ -25,6 +26,7 @@ def step_description(trainer: pl.Trainer) -> str | None:
 class StepRichProgressBar(RichProgressBar):
     """Lightning's rich bar (its default when ``rich`` is installed), counting steps."""
 
+    # a private hook of RichProgressBar: checked by src.compat.PRIVATE_HOOKS
     def _get_train_description(self, current_epoch: int) -> str:
         description = step_description(self.trainer)
         if description is None:
@@ -76,7 +78,7 @@ class StepTQDMProgressBar(TQDMProgressBar):
 
 def default_progress_bar() -> ProgressBar:
     """The bar Lightning would pick (rich where installed, else tqdm), counting steps."""
-    return StepRichProgressBar() if _RICH_AVAILABLE else StepTQDMProgressBar()
+    return StepRichProgressBar() if lightning_has_rich() else StepTQDMProgressBar()
 
 
 __all__ = ["StepRichProgressBar", "StepTQDMProgressBar", "default_progress_bar", "step_description"]

@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from src.callbacks.run_dir import run_dir
+from src.compat import skip_hparams_autolog, write_summary
 
 RECORD_FILENAME = "run.json"
 UNKNOWN = "unknown"
@@ -87,9 +88,9 @@ class RunRecord(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)  # config.yaml, then save_config on rank 0
         if first and getattr(trainer, "enable_autolog_hparams", True):
             # the whole config was logged instead: no second, module-only hparams session
-            pl_module._log_hyperparams = False
+            skip_hparams_autolog(pl_module)
             if trainer.datamodule is not None:
-                trainer.datamodule._log_hyperparams = False
+                skip_hparams_autolog(trainer.datamodule)
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         config_text = self.parser.dump(self.config, skip_none=False, skip_check=True)
@@ -114,7 +115,7 @@ class RunRecord(SaveConfigCallback):
             if isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment
                 if log_hparams:
-                    writer._get_file_writer().add_summary(session_start_summary(flat))
+                    write_summary(writer, session_start_summary(flat))
                     logger.hparams.update(config)  # hparams.yaml
                 writer.add_text("run/config", as_markdown_code(config_text), 0)
                 writer.add_text("run/record", as_markdown_code(json.dumps(record, indent=2)), 0)

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from src.compat import logged_step
 from src.strategies import is_fsdp
 
 # Dense bf16 tensor-core peaks in TFLOP/s (no sparsity), matched in order against
@@ -101,6 +102,11 @@ def _device_name(device: torch.device) -> str | None:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
+def _row_tensor(batch: dict[str, Any]) -> torch.Tensor | None:
+    """A tensor of the batch shaped (rows, row length): its first 2-D one (see collate.py)."""
+    return next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() == 2), None)
+
+
 class Throughput(pl.Callback):
     """Log throughput, MFU and peak memory every ``every_n_steps`` optimizer steps.
 
@@ -110,7 +116,8 @@ class Throughput(pl.Callback):
     that optimizer step's ``train/loss``:
 
     - ``train/tokens_per_sec``: real (non-pad) tokens per second over all ranks: the batches'
-      ``real_tokens`` (chosen + rejected for preference pairs), else every token slot.
+      ``real_tokens`` (chosen + rejected for preference pairs), else every token slot (the
+      batches' ``token_slots``).
     - ``train/samples_per_sec``: batch rows per second over all ranks (a preference pair is one
       sample, a packed row one sample).
     - ``train/mfu``: model FLOPs utilisation, the model FLOP/s achieved per device over the
@@ -222,20 +229,22 @@ class Throughput(pl.Callback):
         self._real, self._flops, self._samples, self._slots = 0.0, 0.0, 0, 0
 
     def _count(self, batch: dict[str, Any]) -> None:
-        pair = "chosen_input_ids" in batch
-        ids = batch.get("chosen_input_ids" if pair else "input_ids")
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        rows = _row_tensor(batch)
+        if rows is None:
             return
-        slots = ids.numel() * (2 if pair else 1)
-        real = batch.get("real_tokens")
-        real = real.detach().to(self._dtype) if isinstance(real, torch.Tensor) else slots
+        # the collator's counts; a batch of another collator: one id tensor, no padding
+        slots = self._as_count(batch.get("token_slots"), rows.numel())
+        real = self._as_count(batch.get("real_tokens"), slots)
         self._real = self._real + real
         if self._peak_flops is not None:
             self._flops = self._flops + real * flops_per_token(
-                self._config, self._n_params, ids.shape[1]
+                self._config, self._n_params, rows.shape[1]
             )
-        self._samples += ids.shape[0]
-        self._slots += slots
+        self._samples += rows.shape[0]
+        self._slots = self._slots + slots
+
+    def _as_count(self, value: Any, default: Any) -> Any:
+        return value.detach().to(self._dtype) if isinstance(value, torch.Tensor) else default
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         elapsed = time.perf_counter() - self._window_start
@@ -259,6 +268,6 @@ class Throughput(pl.Callback):
             metrics["train/mfu"] = flops / elapsed / rows.shape[0] / self._peak_flops
         if self._cuda:
             metrics["train/peak_memory_gb"] = memory
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # that of train/loss
+        step = logged_step(trainer)  # that of train/loss
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

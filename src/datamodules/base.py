@@ -28,8 +28,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from src.compat import prefetched_batches
 from src.datamodules import cache
 from src.datamodules.chat import ChatEncoder, TrainOn
 from src.datamodules.collate import Collator
@@ -49,26 +50,11 @@ from src.datamodules.sources import (
 from src.datamodules.splits import length_buckets, split_indices
 from src.datamodules.stats import SplitStats
 from src.datamodules.streaming import StreamingDataset
-from src.datamodules.templates import resolve_chat_template
-from src.local_paths import check_local_path
+from src.datamodules.tokenizer import TokenizerKey, load_tokenizer
 
 Example = dict[str, Any]
 Columns = dict[str, list]
 CHUNK = 1000  # examples per tokenizer batch and per worker task
-
-
-def load_tokenizer(
-    name_or_path: str, trust_remote_code: bool = False, chat_template: str | None = None
-) -> PreTrainedTokenizerBase:
-    """A tokenizer with a pad token (EOS stands in) and, if given, a chat template."""
-    check_local_path(name_or_path, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    template = resolve_chat_template(chat_template)
-    if template is not None:
-        tokenizer.chat_template = template
-    return tokenizer
 
 
 def as_list(value: str | list[str] | None) -> list[str]:
@@ -202,11 +188,14 @@ class BaseDataModule(pl.LightningDataModule):
                 source.hub_config, source.split = hub_config, hub_split
         return sources
 
+    @property
+    def tokenizer_key(self) -> TokenizerKey:
+        return TokenizerKey(self.tokenizer_name_or_path, self.trust_remote_code, self.chat_template)
+
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        return load_tokenizer(
-            self.tokenizer_name_or_path, self.trust_remote_code, self.chat_template
-        )
+        """Loaded on first use, unless the CLI handed over the model's (one load per run)."""
+        return load_tokenizer(*self.tokenizer_key)
 
     def chat_encoder(self, train_on: TrainOn = "assistant") -> ChatEncoder:
         """The encoder of this module's chat rows, with its stop token and reasoning policy."""
@@ -259,7 +248,7 @@ class BaseDataModule(pl.LightningDataModule):
             rank_zero_warn(
                 "[data] the chat template dropped part of some conversations or left turns "
                 "without a stop token (see the data summary); `python -m "
-                "src.datamodules.preview --check-template --config ...` shows how it renders"
+                "src.preview --check-template --config ...` shows how it renders"
             )
         if not self.streaming and self.stats["train"].examples == 0:
             raise DataError(
@@ -571,17 +560,10 @@ class PrefetchAwareLoader(StatefulDataLoader):
         return batches()
 
     def state_dict(self) -> dict[str, Any]:
-        waiting = _prefetched_batches(self.trainer)
+        waiting = prefetched_batches(self.trainer)
         if 0 < waiting <= len(getattr(self, "_before", ())):
             return self._before[-waiting]
         return super().state_dict()
-
-
-def _prefetched_batches(trainer: pl.Trainer | None) -> int:
-    """Batches fetched by the training loop but not yet trained on (Lightning's fetcher
-    prefetches one for loaders without a length, none otherwise)."""
-    fetcher = getattr(getattr(trainer, "fit_loop", None), "_data_fetcher", None)
-    return len(getattr(fetcher, "batches", ()))
 
 
 _WORKER_MODULE: BaseDataModule | None = None

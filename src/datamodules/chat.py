@@ -22,6 +22,7 @@ from typing import Any, Literal
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
+from src.compat import alias_reasoning_fields, compile_chat_template
 from src.datamodules.reasoning import (
     Frame,
     Reasoning,
@@ -114,10 +115,10 @@ class ChatRenderer:
     ) -> str:
         template = self.template(tools)
         if template not in self._compiled:
-            self._compiled[template] = _compile(template)
+            self._compiled[template] = compile_chat_template(template)
         compiled = self._compiled[template]
         try:
-            if compiled is False:
+            if compiled is None:
                 return self.tokenizer.apply_chat_template(
                     messages,
                     tools=tools,
@@ -140,28 +141,7 @@ def _template_messages(messages: list[Message]) -> list[Message]:
     whose value is None (Parquet rows carry ``tool_calls: None`` on every message) and, where
     transformers does so, with reasoning under other names copied to ``reasoning_content``."""
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    return _alias_reasoning_fields(messages)
-
-
-try:  # transformers' own renaming, where it has one
-    from transformers.utils.chat_template_utils import _alias_reasoning_fields
-except ImportError:  # pragma: no cover - older transformers
-
-    def _alias_reasoning_fields(messages: list[Message]) -> list[Message]:
-        return messages
-
-
-def _compile(template: str) -> Any:
-    try:  # transformers' sandboxed environment, with its helpers (raise_exception, tojson, ...)
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:
-        return False
-    return _compile_jinja_template(template)
-
-
-def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], **kwargs: Any) -> str:
-    """The conversation as text, through the tokenizer's chat template."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    return alias_reasoning_fields(messages)
 
 
 @contextmanager

@@ -1,8 +1,11 @@
 """Batch collation: padded rows, packed rows (position ids per document), preference pairs.
 
-Every batch also carries ``real_tokens``, the number of non-pad tokens, from which the
-module logs ``train/padding_efficiency``; batches holding examples with a loss weight other
-than 1 carry ``loss_weights`` per label position (``loss_weight`` per preference pair).
+Every batch also carries ``real_tokens`` (non-pad tokens) and ``token_slots`` (token
+positions of its id tensors, chosen and rejected both), which the module's
+``train/padding_efficiency`` and the throughput callback read, whatever the objective.
+Batches holding examples with a loss weight other than 1 carry ``loss_weights`` per label
+position (``loss_weight`` per preference pair). Every 2-D tensor of a batch is (rows, row
+length).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class Collator:
         if weights is not None:
             batch["loss_weights"] = weights
         batch["real_tokens"] = torch.tensor(sum(lengths))
+        batch["token_slots"] = torch.tensor(input_ids.numel())
         return batch
 
 
@@ -140,4 +144,5 @@ class PreferenceCollator:
         if any(w != 1.0 for w in weights):
             batch["loss_weight"] = torch.tensor(weights, dtype=torch.float32)
         batch["real_tokens"] = torch.tensor(real)
+        batch["token_slots"] = torch.tensor(2 * len(rows) * width)
         return batch

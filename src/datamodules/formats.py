@@ -4,9 +4,14 @@
 * text: ``{"text": str}`` (trained on every token);
 * preference: ``{"prompt": [...], "chosen": [...], "rejected": [...], "tools": [...]?}``.
 
-Rows are recognised by their fields (``format: auto``) or by the configured format. A
-source's ``columns`` mapping renames other field names to these before detection. What peers
-store in other shapes is brought to these here: tools as a JSON string, ShareGPT
+Every format is one row of ``FORMATS``: its name, the fields its rows need, the shape it
+becomes and the function that reads it; the table's order is the order ``format: auto``
+tries them in. Each shape's reader checks the result alike for every format: to_chat and
+to_sft_example (SFT) read chat, to_text (pretraining) and to_sft_example read text, and
+to_preference (DPO) reads preference.
+
+A source's ``columns`` mapping renames other field names to these before detection. What
+peers store in other shapes is brought to these here: tools as a JSON string, ShareGPT
 ``function_call`` turns, content as typed parts, hh-rlhf transcripts, single-turn chosen and
 rejected objects (LLaMA-Factory). Rows that cannot be trained as asked (unpaired KTO rows or
 preference rows given to SFT) are refused with what to do instead.
@@ -15,38 +20,18 @@ preference rows given to SFT) are refused with what to do instead.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from src.datamodules.records import DataError, Record
 from src.datamodules.tool_calls import function_call_message, kind, with_tools
 
-Format = Literal[
-    "auto",
-    "messages",
-    "sharegpt",
-    "alpaca",
-    "prompt_completion",
-    "preference",
-    "text",
-    "hh_rlhf",
-]
 Message = dict[str, Any]
 Example = dict[str, Any]
+Shape = Literal["chat", "text", "preference"]
 
 ROLES = ("system", "user", "assistant", "tool")
-# what each format needs, in the order auto-detection tries them
-REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
-    "preference": ("chosen", "rejected"),
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-    "hh_rlhf": ("text",),
-}
-# Formats used only when named: an hh_rlhf row is a text row whose text is a transcript, and
-# reading every "Human: ..." text as a conversation would be a guess.
-NAMED_ONLY = ("hh_rlhf",)
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -61,23 +46,119 @@ SHAREGPT_ROLES = {
     "function_response": "tool",
     "ipython": "tool",
 }
-CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "hh_rlhf")
 KTO_FIELDS = ("label", "kto_tag")  # TRL's unpaired preference rows; LLaMA-Factory's KTO column
 HH_SPEAKERS = {"Human": "user", "Assistant": "assistant"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_SHAPE = "'\\n\\nHuman: ...\\n\\nAssistant: ...'"
 
 
+@dataclass(frozen=True)
+class Format:
+    """A row format: the fields its rows need, and how such a row becomes its shape.
+
+    ``read`` returns the raw messages (chat), the text (text), or the prompt, chosen and
+    rejected messages (preference); what reads the shape checks them. ``detected``: whether
+    ``format: auto`` recognises the format from its fields, or it is used only when named.
+    """
+
+    name: str
+    fields: tuple[str, ...]
+    shape: Shape
+    read: Callable[[Record], Any]
+    detected: bool = True
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        return all(row.get(f) is not None for f in self.fields)
+
+    def missing(self, row: dict[str, Any]) -> list[str]:
+        return [f for f in self.fields if row.get(f) is None]
+
+
+# ------------------------------------------------------------------ the formats
+
+
+def _read_messages(record: Record) -> list[Message]:
+    return record.row["messages"]
+
+
+def _read_sharegpt(record: Record) -> list[Message]:
+    row = record.row
+    return _from_sharegpt(row["conversations"], record.where, row.get("system"))
+
+
+def _read_alpaca(record: Record) -> list[Message]:
+    prompt = _alpaca_prompt(record.row, record.where)
+    return prompt + [{"role": "assistant", "content": str(record.row["output"])}]
+
+
+def _read_prompt_completion(record: Record) -> list[Message]:
+    row, where = record.row, record.where
+    prompt = _turns(row["prompt"], "user", where, "prompt")
+    return prompt + _turns(row["completion"], "assistant", where, "completion")
+
+
+def _read_hh_rlhf(record: Record) -> list[Message]:
+    text = _read_text(record)
+    turns = hh_transcript(text)
+    if turns is None:
+        raise DataError(
+            f"{record.where}: a 'hh_rlhf' row's text must be a Human/Assistant transcript "
+            f"({HH_SHAPE}), found {text[:40]!r}"
+        )
+    return turns
+
+
+def _read_text(record: Record) -> str:
+    text = record.row["text"]
+    if not isinstance(text, str):
+        raise DataError(f"{record.where}: 'text' must be a string, found {type(text).__name__}")
+    return text
+
+
+def _read_preference(record: Record) -> Example:
+    """Prompt, chosen and rejected messages; without a stated prompt, chosen and rejected are
+    whole conversations whose shared leading messages are the prompt."""
+    row, where = record.row, record.where
+    chosen = _response(row["chosen"], where, "chosen")
+    rejected = _response(row["rejected"], where, "rejected")
+    prompt = _preference_prompt(row, where)
+    if prompt is None:
+        prompt, chosen, rejected = _split_shared_start(chosen, rejected, where)
+    else:
+        chosen, rejected = _after(prompt, chosen), _after(prompt, rejected)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+# In the order `format: auto` tries them: a row with chosen and rejected beside a conversation
+# is preference data. An hh_rlhf row is a text row whose text is a transcript, and reading
+# every "Human: ..." text as a conversation would be a guess, so it is used only when named.
+FORMATS: tuple[Format, ...] = (
+    Format("preference", ("chosen", "rejected"), "preference", _read_preference),
+    Format("messages", ("messages",), "chat", _read_messages),
+    Format("sharegpt", ("conversations",), "chat", _read_sharegpt),
+    Format("alpaca", ("instruction", "output"), "chat", _read_alpaca),
+    Format("prompt_completion", ("prompt", "completion"), "chat", _read_prompt_completion),
+    Format("hh_rlhf", ("text",), "chat", _read_hh_rlhf, detected=False),
+    Format("text", ("text",), "text", _read_text),
+)
+
+
+def format_names(*shapes: Shape) -> tuple[str, ...]:
+    """The names of the formats that become one of ``shapes`` (all formats without any)."""
+    return tuple(f.name for f in FORMATS if not shapes or f.shape in shapes)
+
+
 # ------------------------------------------------------------------ detection
 
 
 def detect_format(row: dict[str, Any], where: str, allowed: tuple[str, ...]) -> str:
-    """Name the format of a row from its fields, among the ``allowed`` ones."""
-    guessable = tuple(n for n in allowed if n not in NAMED_ONLY)
-    for name in guessable:
-        if all(row.get(f) is not None for f in REQUIRED_FIELDS[name]):
-            return name
-    expected = " or ".join(f"({', '.join(REQUIRED_FIELDS[n])})" for n in guessable)
+    """Name the format of a row from its fields: the first of the ``allowed`` ones in
+    ``FORMATS`` that it matches."""
+    guessable = [f for f in FORMATS if f.detected and f.name in allowed]
+    found = next((f for f in guessable if f.matches(row)), None)
+    if found is not None:
+        return found.name
+    expected = " or ".join(f"({', '.join(f.fields)})" for f in guessable)
     raise DataError(
         f"{where}: cannot tell the format of this row: expected the fields {expected}; "
         f"found ({', '.join(row) or 'no fields'}). Name other columns with a source's "
@@ -110,21 +191,24 @@ def _misfit_hint(row: dict[str, Any], allowed: tuple[str, ...]) -> str:
     return ""
 
 
-def _checked_format(record: Record, fmt: str, allowed: tuple[str, ...], purpose: str) -> str:
+def _checked_format(record: Record, fmt: str, shapes: tuple[Shape, ...], purpose: str) -> Format:
+    """The row's format (named, or detected among those of ``shapes``), with its fields."""
     row, where = record.row, record.where
+    allowed = format_names(*shapes)
     name = detect_format(row, where, allowed) if fmt == "auto" else fmt
     if name not in allowed:
         raise DataError(
             f"{where}: format {name!r} cannot be used for {purpose} (expected one of "
             f"{', '.join(allowed)}, or auto); set data.format or the source's format"
         )
-    missing = [f for f in REQUIRED_FIELDS[name] if row.get(f) is None]
+    found = next(f for f in FORMATS if f.name == name)
+    missing = found.missing(row)
     if missing:
         raise DataError(
-            f"{where}: a {name!r} row needs the fields {', '.join(REQUIRED_FIELDS[name])}; "
+            f"{where}: a {name!r} row needs the fields {', '.join(found.fields)}; "
             f"missing {', '.join(missing)} (found {', '.join(row) or 'no fields'})"
         )
-    return name
+    return found
 
 
 def _has_pair(row: dict[str, Any]) -> bool:
@@ -141,11 +225,11 @@ def _kto_field(row: dict[str, Any]) -> str | None:
 
 def to_sft_example(record: Record, fmt: str = "auto") -> Example:
     """A chat or text example for supervised fine-tuning."""
-    name = _checked_format(record, fmt, (*CHAT_FORMATS, "text"), "supervised fine-tuning")
+    found = _checked_format(record, fmt, ("chat", "text"), "supervised fine-tuning")
     _refuse_unpaired(record)
-    if name == "text":
-        return {"text": _text(record)}
-    example = to_chat(record, name)
+    if found.shape == "text":
+        return {"text": found.read(record)}
+    example = to_chat(record, found.name)
     _refuse_prompt_only(record, example["messages"])
     return example
 
@@ -183,27 +267,14 @@ def _refuse_prompt_only(record: Record, messages: list[Message]) -> None:
 def to_chat(record: Record, fmt: str = "auto") -> Example:
     """A chat example: checked messages (known roles, text content, not empty) and tools."""
     row, where = record.row, record.where
-    name = _checked_format(record, fmt, CHAT_FORMATS, "chat data")
-    if name == "alpaca":
-        messages = _from_alpaca(row, where)
-    elif name == "sharegpt":
-        messages = _from_sharegpt(row["conversations"], where, row.get("system"))
-    elif name == "prompt_completion":
-        messages = _turns(row["prompt"], "user", where, "prompt") + _turns(
-            row["completion"], "assistant", where, "completion"
-        )
-    elif name == "hh_rlhf":
-        messages = _transcript_of(_text(record), where)
-    else:
-        messages = row["messages"]
-    messages = check_messages(_plain_messages(messages, where), where)
+    found = _checked_format(record, fmt, ("chat",), "chat data")
+    messages = check_messages(_plain_messages(found.read(record), where), where)
     return with_tools({"messages": messages}, row, where)
 
 
 def to_text(record: Record, fmt: str = "auto") -> str:
     """The text of a pretraining row."""
-    _checked_format(record, fmt, ("text",), "pretraining")
-    return _text(record)
+    return _checked_format(record, fmt, ("text",), "pretraining").read(record)
 
 
 def to_preference(record: Record, fmt: str = "auto") -> Example:
@@ -216,23 +287,18 @@ def to_preference(record: Record, fmt: str = "auto") -> Example:
     the prompt.
     """
     row, where = record.row, record.where
-    _checked_format(record, fmt, ("preference",), "preference data")
-    chosen = _response(row["chosen"], where, "chosen")
-    rejected = _response(row["rejected"], where, "rejected")
-    prompt = _preference_prompt(row, where)
-    if prompt is None:
-        prompt, chosen, rejected = _split_shared_start(chosen, rejected, where)
-    else:
-        chosen, rejected = _after(prompt, chosen), _after(prompt, rejected)
+    pair = _checked_format(record, fmt, ("preference",), "preference data").read(record)
+    prompt = pair["prompt"]
     check_messages(prompt, f"{where} (prompt)")
-    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+    for name in ("chosen", "rejected"):
+        answer = pair[name]
         check_messages(prompt + answer, f"{where} ({name})")
         if answer[0]["role"] != "assistant":
             raise DataError(
                 f"{where}: the {name} response must start with an assistant message, "
                 f"found {answer[0]['role']!r}"
             )
-    return with_tools({"prompt": prompt, "chosen": chosen, "rejected": rejected}, row, where)
+    return with_tools(pair, row, where)
 
 
 def _after(prompt: list[Message], side: list[Message]) -> list[Message]:
@@ -307,13 +373,6 @@ def _split_shared_start(
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def _text(record: Record) -> str:
-    text = record.row["text"]
-    if not isinstance(text, str):
-        raise DataError(f"{record.where}: 'text' must be a string, found {type(text).__name__}")
-    return text
-
-
 # ------------------------------------------------------------------ turns and messages
 
 
@@ -382,10 +441,6 @@ def _user(text: str) -> Message:
     return {"role": "user", "content": text}
 
 
-def _from_alpaca(row: dict[str, Any], where: str) -> list[Message]:
-    return _alpaca_prompt(row, where) + [{"role": "assistant", "content": str(row["output"])}]
-
-
 def _from_sharegpt(turns: Any, where: str, system: Any = None) -> list[Message]:
     """Messages of ShareGPT turns; a row-level ``system`` (LLaMA-Factory) opens them."""
     if not isinstance(turns, list):
@@ -428,16 +483,6 @@ def hh_transcript(text: str) -> list[Message] | None:
         {"role": HH_SPEAKERS[speaker], "content": said.strip()}
         for speaker, said in zip(parts[1::2], parts[2::2], strict=True)
     ]
-
-
-def _transcript_of(text: str, where: str) -> list[Message]:
-    turns = hh_transcript(text)
-    if turns is None:
-        raise DataError(
-            f"{where}: a 'hh_rlhf' row's text must be a Human/Assistant transcript "
-            f"({HH_SHAPE}), found {text[:40]!r}"
-        )
-    return turns
 
 
 # ------------------------------------------------------------------ content

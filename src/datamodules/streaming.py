@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-if TYPE_CHECKING:
-    from src.datamodules.base import BaseDataModule
+
+class RowStream(Protocol):
+    """What the dataset reads from (a ``BaseDataModule``)."""
+
+    def stream_rows(self, skip: int) -> Iterator[dict[str, Any]]:
+        """Training rows prepared on the fly, after the first ``skip`` examples."""
+        ...
 
 
 class StreamingDataset(IterableDataset):
@@ -17,7 +22,7 @@ class StreamingDataset(IterableDataset):
     w-th row, so every rank reads (and prepares) the whole stream. Its state is the number of
     rows already yielded, so a resumed run continues where the interrupted one stopped."""
 
-    def __init__(self, datamodule: BaseDataModule, skip: int = 0) -> None:
+    def __init__(self, datamodule: RowStream, skip: int = 0) -> None:
         self.datamodule = datamodule
         self.skip = skip
         self.rank: int | None = None  # set from the trainer; else from torch.distributed

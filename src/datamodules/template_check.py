@@ -1,7 +1,7 @@
 """Check a chat template before training on it: probe conversations and their trained text.
 
-    python -m src.datamodules.preview --check-template --config configs/sft.yaml
-    python -m src.datamodules.preview --check-template --tokenizer path/to/model
+    python -m src.preview --check-template --config configs/sft.yaml
+    python -m src.preview --check-template --tokenizer path/to/model
 
 Each probe (one turn, a system prompt, three turns, reasoning on two turns, a tool call and
 its result) is rendered through the template; every assistant turn's trained text is

@@ -42,9 +42,10 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from src.callbacks.generation import generate
-from src.datamodules.base import load_tokenizer
+from src.compat import apply_liger_kernels, attached_trainer
+from src.datamodules.tokenizer import TokenizerKey, load_tokenizer
 from src.errors import ConfigError, PathNotFoundError, hub_not_found
+from src.generation import generate
 from src.local_paths import check_local_path
 from src.modules.adapters import LoraSettings, add_adapters, quantization_kwargs
 from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
@@ -142,11 +143,12 @@ class CausalLMModule(pl.LightningModule):
         self.compile = compile
         self.liger_kernels = liger_kernels
         self.model: PreTrainedModel | None = None
+        self.tokenizer_key = TokenizerKey(
+            self.tokenizer_name_or_path, trust_remote_code, chat_template
+        )
         key = "data.init_args.tokenizer" if tokenizer else "model.init_args.model_name_or_path"
         with named_if_missing(self.tokenizer_name_or_path, "tokenizer", key):
-            self.tokenizer = load_tokenizer(
-                self.tokenizer_name_or_path, trust_remote_code, chat_template
-            )
+            self.tokenizer = load_tokenizer(*self.tokenizer_key)
         self._step_sums: dict[str, torch.Tensor] = {}
         self._scale_loss = False
         self._tokens_seen = 0  # real (non-pad) tokens trained on, over all devices
@@ -183,7 +185,7 @@ class CausalLMModule(pl.LightningModule):
     ) -> PreTrainedModel:
         """A Hugging Face causal LM: from a checkpoint, or initialised from its config."""
         check_local_path(name_or_path, "model")
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        strategy = getattr(attached_trainer(self), "strategy", None)
         if strategy is not None and zero_stage(strategy) == 3:
             # transformers partitions the weights as it loads them only when it is told
             # ZeRO-3 is on; the object must stay alive (transformers keeps a weak reference)
@@ -260,12 +262,9 @@ class CausalLMModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
-        if "real_tokens" in batch:  # share of real (non-pad) tokens in the batch tensors
-            slots = batch.get("input_ids", batch.get("chosen_input_ids"))
-            terms.sums["real_tokens"] = batch["real_tokens"]
-            terms.sums["token_slots"] = torch.tensor(
-                slots.numel() * (2 if "chosen_input_ids" in batch else 1), device=slots.device
-            )
+        for key in ("real_tokens", "token_slots"):  # the collator's counts: padding efficiency
+            if key in batch:
+                terms.sums[key] = batch[key]
         _accumulate(self._step_sums, terms)
         if self._scale_loss:  # engines average gradients over devices: undo, then divide
             total = self.trainer.strategy.reduce(terms.count.detach().float(), reduce_op="sum")
@@ -344,7 +343,7 @@ class CausalLMModule(pl.LightningModule):
     ) -> list[str]:
         """Completions of chat prompts. Under FSDP and ZeRO-3 every rank must call it: the
         ranks decode in lockstep until all are done (``synced_gpus``)."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        strategy = getattr(attached_trainer(self), "strategy", None)
         synced = strategy is not None and parameters_are_sharded(strategy)
         return generate(
             self.model,
@@ -451,9 +450,7 @@ def _apply_liger(model: PreTrainedModel) -> None:
     problem = liger_problem()
     if problem:
         raise ConfigError(problem)
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-    _apply_liger_kernel_to_instance(model=model)
+    apply_liger_kernels(model)
 
 
 @contextmanager
