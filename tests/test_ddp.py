@@ -7,6 +7,7 @@ if the mean is taken over every label token (or pair) across devices, not per de
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def fit(config: str, tmp: Path, name: str, model_dir: Path, data: Path, devices:
         str(tmp / "cache"),
         *extra,
     ]
-    if devices > 1:
+    if devices > 1 and "--trainer.strategy" not in extra:  # the last one given wins
         args += ["--trainer.strategy", "ddp"]
     result = subprocess.run(args, capture_output=True, cwd=ROOT, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -112,19 +113,48 @@ def test_engine_style_loss_scaling_matches_under_ddp(
         sft_data,
         2,
         "--trainer.strategy",
-        "tests.engine_like.EngineLikeDDP",
+        "{class_path: tests.engine_like.EngineLikeDDP}",
     )
     assert_same_training(sft_single, double)
 
 
-def test_dpo_two_processes_match_one(tmp_path, micro_model_dir):
-    pairs = [
-        {"prompt": "Name a colour.", "chosen": "Blue", "rejected": "A fox runs"},
-        {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5 or maybe 6"},
-        {"prompt": "Say hi.", "chosen": "Hi there, friend!", "rejected": "No"},
-        {"prompt": "Count to three.", "chosen": "1 2 3", "rejected": "1 2"},
-    ]
-    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    single = fit("dpo.yaml", tmp_path, "one", micro_model_dir, data, 1)
-    double = fit("dpo.yaml", tmp_path, "two", micro_model_dir, data, 2)
-    assert_same_training(single, double)
+PAIRS = [
+    {"prompt": "Name a colour.", "chosen": "Blue", "rejected": "A fox runs"},
+    {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5 or maybe 6"},
+    {"prompt": "Say hi.", "chosen": "Hi there, friend!", "rejected": "No"},
+    {"prompt": "Count to three.", "chosen": "1 2 3", "rejected": "1 2"},
+]
+
+
+@pytest.fixture(scope="module")
+def dpo_data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("ddp") / "pairs.jsonl", PAIRS)
+
+
+@pytest.fixture(scope="module")
+def dpo_single(tmp_path_factory, micro_model_dir, dpo_data):
+    return fit("dpo.yaml", tmp_path_factory.mktemp("one"), "one", micro_model_dir, dpo_data, 1)
+
+
+def test_dpo_two_processes_match_one(tmp_path, micro_model_dir, dpo_data, dpo_single):
+    double = fit("dpo.yaml", tmp_path, "two", micro_model_dir, dpo_data, 2)
+    assert_same_training(dpo_single, double)
+
+
+def test_engine_style_dpo_logs_the_step_mean_not_its_share(
+    tmp_path, micro_model_dir, dpo_data, dpo_single
+):
+    """Under the DeepSpeed path the pair count is reduced over devices before backward; the
+    logged loss must stay the mean over the step's pairs (ln 2 at step 0), not 1/world of it."""
+    double = fit(
+        "dpo.yaml",
+        tmp_path,
+        "engine",
+        micro_model_dir,
+        dpo_data,
+        2,
+        "--trainer.strategy",
+        "{class_path: tests.engine_like.EngineLikeDDP}",
+    )
+    assert double[0][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert_same_training(dpo_single, double)

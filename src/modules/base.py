@@ -267,7 +267,9 @@ class CausalLMModule(pl.LightningModule):
                 terms.sums[key] = batch[key]
         _accumulate(self._step_sums, terms)
         if self._scale_loss:  # engines average gradients over devices: undo, then divide
-            total = self.trainer.strategy.reduce(terms.count.detach().float(), reduce_op="sum")
+            # a copy: the reduce is in place, and the step sums must keep this rank's count
+            count = terms.count.detach().float().clone()
+            total = self.trainer.strategy.reduce(count, reduce_op="sum")
             total = torch.where(total > 0, total, torch.ones_like(total))
             return terms.loss_sum * self.trainer.world_size / total
         return terms.loss_sum / self.loss_divisor
@@ -428,7 +430,7 @@ class CausalLMModule(pl.LightningModule):
 
 def _accumulate(store: dict[str, torch.Tensor], terms: LossTerms) -> None:
     for key, value in {"loss": terms.loss_sum, "count": terms.count, **terms.sums}.items():
-        value = value.detach().float()
+        value = value.detach().float().clone()  # never an alias of the objective's tensors
         store[key] = store[key] + value if key in store else value
 
 
