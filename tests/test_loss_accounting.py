@@ -165,3 +165,29 @@ def test_weight_decay_skips_biases_and_norm_weights(micro_model_dir, monkeypatch
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] > 0
     assert "model.layers.0.self_attn.q_proj.weight" in decayed
     assert {names[id(p)] for p in no_decay["params"]} == {n for n in names.values() if "norm" in n}
+
+
+def test_weight_decay_groups_follow_the_real_shape_of_zero3_placeholders(
+    micro_model_dir, monkeypatch
+):
+    """Under ZeRO-3 every weight is an empty 1-D placeholder while the groups are built; its
+    real shape (``ds_shape``) decides, or every weight would lose its decay."""
+    from src.modules.base import CausalLMModule
+
+    built = CausalLMModule.build_model
+
+    def partitioned(self):
+        model = built(self)
+        for param in model.parameters():
+            shape = param.shape
+            param.data = torch.empty(0, dtype=param.dtype)
+            param.ds_shape = shape
+        return model
+
+    monkeypatch.setattr(CausalLMModule, "build_model", partitioned)
+    module = SFTModule(model_name_or_path=str(micro_model_dir), from_scratch=True)
+    module.configure_model()
+    assert all(p.ndim == 1 for p in module.model.parameters())
+    names = [n for n, _ in module.model.named_parameters()]
+    assert "model.layers.0.self_attn.q_proj.weight" not in module._no_decay
+    assert module._no_decay == {n for n in names if "norm" in n}

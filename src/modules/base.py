@@ -164,9 +164,9 @@ class CausalLMModule(pl.LightningModule):
         self._no_decay = {
             name
             for name, p in self.model.named_parameters()
-            if p.ndim < 2 or "bias" in name or "norm" in name.lower()
+            if len(full_shape(p)) < 2 or "bias" in name or "norm" in name.lower()
         }
-        n_params = sum(p.numel() for p in self.model.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         rank_zero_info(f"[model] {type(self.model).__name__}: {n_params / 1e6:.2f}M parameters")
 
     def build_model(self) -> PreTrainedModel:
@@ -432,6 +432,12 @@ def _accumulate(store: dict[str, torch.Tensor], terms: LossTerms) -> None:
     for key, value in {"loss": terms.loss_sum, "count": terms.count, **terms.sums}.items():
         value = value.detach().float().clone()  # never an alias of the objective's tensors
         store[key] = store[key] + value if key in store else value
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's real shape: ZeRO-3 partitions weights as transformers loads them,
+    leaving an empty 1-D placeholder whose shape DeepSpeed keeps as ``ds_shape``."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
