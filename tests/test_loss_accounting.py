@@ -191,3 +191,30 @@ def test_weight_decay_groups_follow_the_real_shape_of_zero3_placeholders(
     names = [n for n, _ in module.model.named_parameters()]
     assert "model.layers.0.self_attn.q_proj.weight" not in module._no_decay
     assert module._no_decay == {n for n in names if "norm" in n}
+
+
+def test_norm_clipping_under_fsdp_goes_through_the_root_module(micro_model_dir):
+    """Lightning's FSDP precision plugin refuses norm clipping, which every shipped config
+    sets: the module clips through the root FSDP module (its norm spans all shards)."""
+    import types
+
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    clipped = []
+    strategy = FSDPStrategy(precision_plugin=FSDPPrecision("32-true"))
+    module = SFTModule(model_name_or_path=str(micro_model_dir), from_scratch=True)
+    module.configure_model()
+    root = types.SimpleNamespace(clip_grad_norm_=lambda value: clipped.append(value))
+    module._trainer = types.SimpleNamespace(
+        strategy=strategy,
+        precision_plugin=strategy.precision_plugin,
+        gradient_clip_val=1.0,
+        gradient_clip_algorithm="norm",
+    )
+    strategy._model = root
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    module.configure_gradient_clipping(optimizer, 1.0, "norm")
+    assert clipped == [1.0]
+    with pytest.raises(Exception, match="not supported for `FSDPPrecision`"):
+        strategy.precision_plugin.clip_grad_by_norm(optimizer, 1.0)  # what it replaces

@@ -308,6 +308,22 @@ class CausalLMModule(pl.LightningModule):
             self.log("train/tokens_seen", float(self._tokens_seen), on_step=True, batch_size=1)
         self._log_means("train", totals, count, on_step=True)
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Norm clipping under FSDP through the root module's ``clip_grad_norm_``, which
+        takes the norm over every shard (Lightning's FSDP precision refuses norm clipping);
+        elsewhere Lightning's own."""
+        strategy = self.trainer.strategy
+        norm = gradient_clip_algorithm is None or gradient_clip_algorithm == "norm"
+        if gradient_clip_val and norm and is_fsdp(strategy):
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _grad_norm(self) -> float | None:
         """The global L2 norm of the step's gradients (over the shards under FSDP)."""
         grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
