@@ -125,7 +125,26 @@ class LayerFSDPStrategy(FSDPStrategy):
         for policy in policies:
             if isinstance(policy, DecoderLayerPolicy):
                 policy.fill(model)
+        if self.root_device.type == "cpu" and not _wrapped(model):
+            # Lightning passes device_id=root_device.index, None on a CPU, where FSDP needs
+            # the device itself; wrapped here, Lightning only adds activation checkpointing
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            model = FullyShardedDataParallel(
+                module=model,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=self.root_device,
+                **self.kwargs,
+            )
+            self.kwargs.pop("auto_wrap_policy", None)  # applied
         return super()._setup_model(model)
+
+
+def _wrapped(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 def shard_like_policy(strategy: FSDPStrategy, module: torch.nn.Module) -> torch.nn.Module:
@@ -135,12 +154,16 @@ def shard_like_policy(strategy: FSDPStrategy, module: torch.nn.Module) -> torch.
     return FullyShardedDataParallel(
         module,
         auto_wrap_policy=ModuleWrapPolicy(decoder_layer_classes(module)),
-        cpu_offload=strategy.cpu_offload,
+        cpu_offload=None if on_cpu(strategy) else strategy.cpu_offload,
         sharding_strategy=strategy.sharding_strategy,
         mixed_precision=strategy.mixed_precision_config,
-        device_id=strategy.root_device.index,
+        device_id=strategy.root_device if on_cpu(strategy) else strategy.root_device.index,
         use_orig_params=True,
     )
+
+
+def on_cpu(strategy: Strategy) -> bool:
+    return strategy.root_device.type == "cpu"
 
 
 def is_fsdp(strategy: Strategy) -> bool:
@@ -193,7 +216,9 @@ def full_state_dict(trainer: pl.Trainer, module: pl.LightningModule) -> dict | N
         )
 
         state = get_model_state_dict(
-            strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            strategy.model,
+            # offloading the gathered weights to a CPU they are on crashes torch 2.13's FSDP1
+            options=StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu(strategy)),
         )
     elif zero_stage(strategy) == 3:
         state = zero3_full_state_dict(strategy.deepspeed_engine)

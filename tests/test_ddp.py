@@ -158,3 +158,32 @@ def test_engine_style_dpo_logs_the_step_mean_not_its_share(
     )
     assert double[0][0] == pytest.approx(math.log(2), abs=1e-6)
     assert_same_training(dpo_single, double)
+
+
+FSDP = (
+    "{class_path: src.strategies.LayerFSDPStrategy, "
+    "init_args: {sharding_strategy: FULL_SHARD, state_dict_type: sharded}}"
+)
+
+
+def test_fsdp_two_processes_match_one_with_norm_clipping(tmp_path, micro_model_dir, sft_data):
+    """FSDP1 on 2 CPU processes (gloo), each decoder layer a unit, with a clipping threshold
+    that bites at every step: the same losses and exported weights as one plain process."""
+    clip = ("--trainer.gradient_clip_val", "0.05")
+    single = fit("sft.yaml", tmp_path / "one", "one", micro_model_dir, sft_data, 1, *clip)
+    norms = [
+        v for _, v in scalars(tmp_path / "one" / "runs" / "one" / "version_0", "train/grad_norm")
+    ]
+    assert len(norms) == STEPS and min(norms) > 0.05  # clipped at every step
+    double = fit(
+        "sft.yaml",
+        tmp_path / "two",
+        "two",
+        micro_model_dir,
+        sft_data,
+        2,
+        *clip,
+        "--trainer.strategy",
+        FSDP,
+    )
+    assert_same_training(single, double)
