@@ -187,3 +187,37 @@ def test_fsdp_two_processes_match_one_with_norm_clipping(tmp_path, micro_model_d
         FSDP,
     )
     assert_same_training(single, double)
+
+
+def test_fsdp_dpo_with_a_sharded_reference_matches_one_process(
+    tmp_path, micro_model_dir, dpo_data, dpo_single
+):
+    """The frozen reference copy is sharded like the policy: step 0 is ln 2 and the run
+    equals one plain process."""
+    double = fit(
+        "dpo.yaml", tmp_path, "fsdp", micro_model_dir, dpo_data, 2, "--trainer.strategy", FSDP
+    )
+    assert double[0][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert_same_training(dpo_single, double)
+
+
+def test_fsdp_dpo_with_precomputed_reference_log_probs(
+    tmp_path, micro_model_dir, dpo_data, dpo_single
+):
+    """Under FSDP the sharded copy scores every pair before the first step and is released;
+    the training is that of one process with a live reference."""
+    double = fit(
+        "dpo.yaml",
+        tmp_path,
+        "fsdp-pre",
+        micro_model_dir,
+        dpo_data,
+        2,
+        "--trainer.strategy",
+        FSDP,
+        "--model.precompute_ref_logps",
+        "true",
+    )
+    assert double[0][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert_same_training(dpo_single, double)
+    assert list((tmp_path / "cache").glob("*/ref_logps-*/train"))  # stored with the data
