@@ -221,3 +221,19 @@ def test_fsdp_dpo_with_precomputed_reference_log_probs(
     assert double[0][0] == pytest.approx(math.log(2), abs=1e-6)
     assert_same_training(dpo_single, double)
     assert list((tmp_path / "cache").glob("*/ref_logps-*/train"))  # stored with the data
+
+
+def test_fsdp_sharded_checkpoint_resumes_exactly(tmp_path, micro_model_dir, sft_data):
+    """Two steps, a sharded last checkpoint (one file per rank), then --ckpt_path last for the
+    third: the same losses and weights as three steps straight."""
+    straight = fit(
+        "sft.yaml", tmp_path / "a", "run", micro_model_dir, sft_data, 2, "--trainer.strategy", FSDP
+    )
+    common = ("--trainer.strategy", FSDP)
+    fit("sft.yaml", tmp_path / "b", "run", micro_model_dir, sft_data, 2, *common,
+        "--trainer.max_steps", "2")  # fmt: skip
+    last = tmp_path / "b" / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # sharded: one per rank
+    resumed = fit("sft.yaml", tmp_path / "b", "run", micro_model_dir, sft_data, 2, *common,
+                  "--ckpt_path", "last")  # fmt: skip
+    assert_same_training(straight, resumed)
