@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, conversation, write_jsonl
@@ -237,3 +238,20 @@ def test_fsdp_sharded_checkpoint_resumes_exactly(tmp_path, micro_model_dir, sft_
     resumed = fit("sft.yaml", tmp_path / "b", "run", micro_model_dir, sft_data, 2, *common,
                   "--ckpt_path", "last")  # fmt: skip
     assert_same_training(straight, resumed)
+    # scripts/export.py consolidates the sharded checkpoint into the weights hf/ holds
+    out = tmp_path / "exported"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export.py"), str(last), "--out", str(out)],
+        capture_output=True,
+        cwd=ROOT,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    exported, in_fit = load_file(out / "model.safetensors"), dict(resumed[1])
+    tied = in_fit.pop("lm_head.weight", None)  # tied: the in-fit export writes it out too
+    if tied is not None:
+        assert torch.equal(tied, in_fit["model.embed_tokens.weight"])
+    assert exported.keys() == in_fit.keys()
+    for name, value in in_fit.items():
+        assert torch.equal(exported[name], value), name
