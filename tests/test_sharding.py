@@ -60,7 +60,8 @@ def test_layer_policy_is_found_from_the_model(micro_model_dir, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: seen.update(self.kwargs))
-    strategy = LayerFSDPStrategy(checkpoint_layers=True)
+    # a GPU's path (Lightning wraps); the CPU path runs for real in tests/test_ddp.py
+    strategy = LayerFSDPStrategy(parallel_devices=[torch.device("cuda", 0)], checkpoint_layers=True)
     strategy._setup_model(module)
     layer, norm = module.model.model.layers[0], module.model.model.norm
     for policy in (
