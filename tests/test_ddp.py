@@ -24,7 +24,16 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-def fit(config: str, tmp: Path, name: str, model_dir: Path, data: Path, devices: int, *extra):
+def fit(
+    config: str,
+    tmp: Path,
+    name: str,
+    model_dir: Path,
+    data: Path,
+    devices: int,
+    *extra: str,
+    weights: str = "model.safetensors",
+):
     per_device = 4 // devices
     args = [
         sys.executable,
@@ -69,7 +78,7 @@ def fit(config: str, tmp: Path, name: str, model_dir: Path, data: Path, devices:
     result = subprocess.run(args, capture_output=True, cwd=ROOT, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp / "runs" / name / "version_0"
-    return [v for _, v in scalars(run, "train/loss")], load_file(run / "hf" / "model.safetensors")
+    return [v for _, v in scalars(run, "train/loss")], load_file(run / "hf" / weights)
 
 
 def assert_same_training(single, double) -> None:
@@ -255,3 +264,35 @@ def test_fsdp_sharded_checkpoint_resumes_exactly(tmp_path, micro_model_dir, sft_
     assert exported.keys() == in_fit.keys()
     for name, value in in_fit.items():
         assert torch.equal(exported[name], value), name
+
+
+def test_fsdp_lora_with_merge_matches_one_process(tmp_path, micro_model_dir, sft_data):
+    """LoRA under FSDP (frozen and trainable parameters in the same units): the losses and the
+    merged export equal one plain process."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = tmp_path / "base"  # a model with weights, as from the hub
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(micro_model_dir)).save_pretrained(
+        base
+    )
+    lora = (
+        "--config",
+        str(ROOT / "configs" / "peft" / "lora.yaml"),
+        "--model.from_scratch",
+        "false",
+        "--model.lora.merge",
+        "true",
+        "--model.lora.dropout",
+        "0",  # dropout masks differ between one process and two
+        "--model.optimizer.init_args.lr",
+        "0.01",
+    )
+    merged = "merged/model.safetensors"
+    single = fit("sft.yaml", tmp_path / "one", "one", base, sft_data, 1, *lora, weights=merged)
+    double = fit(
+        "sft.yaml", tmp_path / "two", "two", base, sft_data, 2, *lora, "--trainer.strategy", FSDP,
+        weights=merged,
+    )  # fmt: skip
+    assert_same_training(single, double)
+    assert single[0][0] != single[0][-1]  # the adapters trained
