@@ -89,6 +89,10 @@ def assert_same_training(single, double) -> None:
         assert (weights_2[name] - value).abs().max().item() < 1e-5, name
 
 
+# DDP that owns gradients as DeepSpeed does, so the modules take the DeepSpeed path
+ENGINE = "{class_path: tests.engine_like.EngineLikeDDP}"
+
+
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory) -> Path:
     rows = [
@@ -123,7 +127,7 @@ def test_engine_style_loss_scaling_matches_under_ddp(
         sft_data,
         2,
         "--trainer.strategy",
-        "{class_path: tests.engine_like.EngineLikeDDP}",
+        ENGINE,
     )
     assert_same_training(sft_single, double)
 
@@ -164,7 +168,7 @@ def test_engine_style_dpo_logs_the_step_mean_not_its_share(
         dpo_data,
         2,
         "--trainer.strategy",
-        "{class_path: tests.engine_like.EngineLikeDDP}",
+        ENGINE,
     )
     assert double[0][0] == pytest.approx(math.log(2), abs=1e-6)
     assert_same_training(dpo_single, double)

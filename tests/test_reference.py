@@ -12,8 +12,7 @@ from src.errors import ConfigError
 from src.modules import DPOModule, LoraSettings, losses
 from src.modules.dpo import _concatenated
 from src.modules.reference import Reference, choose_mode
-from tests.conftest import ASSETS
-from tests.test_preference_losses import batch  # noqa: F401  (a fixture)
+from tests.test_preference_losses import batch, dpo_module  # noqa: F401  (batch: a fixture)
 
 
 @pytest.mark.parametrize(
@@ -32,20 +31,11 @@ def test_the_mode_follows_the_settings(name, lora, precompute, fsdp, mode):
     assert choose_mode(name, lora, precompute, fsdp) == mode
 
 
-def module_for(model_dir, **kwargs) -> DPOModule:
-    torch.manual_seed(0)
-    module = DPOModule(
-        model_name_or_path=str(model_dir), from_scratch=True, tokenizer=str(ASSETS), **kwargs
-    )
-    module.configure_model()
-    return module
-
-
 def test_a_separate_reference_scores_with_that_model(tmp_path, micro_model_dir, batch):  # noqa: F811
     torch.manual_seed(1)
     other = AutoModelForCausalLM.from_config(_config(micro_model_dir)).eval()
     other.save_pretrained(tmp_path / "ref")
-    module = module_for(micro_model_dir, ref_model_name_or_path=str(tmp_path / "ref"))
+    module = dpo_module(micro_model_dir, ref_model_name_or_path=str(tmp_path / "ref"))
     assert module.reference.mode == "separate"
     inputs = _concatenated(batch)
     with torch.no_grad():
@@ -61,7 +51,7 @@ def test_a_separate_reference_scores_with_that_model(tmp_path, micro_model_dir, 
 def test_lora_with_a_named_reference_uses_the_named_model(tmp_path, micro_model_dir):
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(_config(micro_model_dir)).save_pretrained(tmp_path / "ref")
-    module = module_for(
+    module = dpo_module(
         micro_model_dir,
         ref_model_name_or_path=str(tmp_path / "ref"),
         lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
@@ -70,13 +60,13 @@ def test_lora_with_a_named_reference_uses_the_named_model(tmp_path, micro_model_
 
 
 def test_the_digest_names_the_weights_and_ignores_adapters(micro_model_dir):
-    first, second = module_for(micro_model_dir), module_for(micro_model_dir)
+    first, second = dpo_module(micro_model_dir), dpo_module(micro_model_dir)
     assert first.reference.digest() == second.reference.digest()
     with torch.no_grad():
         next(second.reference.model.parameters()).add_(1e-3)
     assert first.reference.digest() != second.reference.digest()
     lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
-    adapted = module_for(micro_model_dir, lora=lora)
+    adapted = dpo_module(micro_model_dir, lora=lora)
     before = adapted.reference.digest()
     with torch.no_grad():  # trained adapters do not change what the reference is
         for name, p in adapted.model.named_parameters():
@@ -89,7 +79,7 @@ def test_the_initial_policy_scores_only_while_it_holds_the_initial_weights(
     micro_model_dir,
     batch,  # noqa: F811
 ):
-    module = module_for(micro_model_dir, precompute_ref_logps=True)
+    module = dpo_module(micro_model_dir, precompute_ref_logps=True)
     assert module.reference.mode == "initial_policy" and module.reference.model is None
     inputs = _concatenated(batch)
     policy = losses.sequence_logps(module(inputs), inputs["labels"])[0]
@@ -122,7 +112,7 @@ def test_zero3_refuses_a_copy_and_names_the_ways_out(micro_model_dir):
 
 def test_reference_free_losses_build_no_reference(micro_model_dir):
     for loss_type in ("simpo", "orpo"):
-        assert module_for(micro_model_dir, loss_type=loss_type).reference is None
+        assert dpo_module(micro_model_dir, loss_type=loss_type).reference is None
 
 
 def test_an_unbound_reference_says_what_to_call_first():

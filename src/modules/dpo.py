@@ -64,7 +64,6 @@ class DPOModule(CausalLMModule):
         nll_weight = self.objective.nll_weight
         self.sft_weight = sft_weight if nll_weight is None else nll_weight
         self.ref_model_name_or_path = ref_model_name_or_path
-        self.precompute_ref_logps = precompute_ref_logps
         needed = self.objective.needs_reference
         self.reference = Reference(ref_model_name_or_path, precompute_ref_logps) if needed else None
 
