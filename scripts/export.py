@@ -3,8 +3,8 @@
     python scripts/export.py runs/sft/version_0/checkpoints/step=500.ckpt
     python scripts/export.py runs/sft/version_0/checkpoints/last.ckpt --out my-model --merge
 
-Reads single-file checkpoints, sharded FSDP checkpoint directories (one shard per rank,
-consolidated here on the CPU) and DeepSpeed checkpoint directories (through deepspeed's
+Reads single-file checkpoints, sharded FSDP1/FSDP2 checkpoint directories (one shard per
+rank, consolidated here on the CPU) and DeepSpeed checkpoint directories (through deepspeed's
 ``zero_to_fp32``). The model is rebuilt from the run's ``config.yaml`` (found beside
 ``checkpoints/``, or given with ``--config``), the weights are loaded, and ``save_pretrained``
 writes them with the tokenizer and chat template; with LoRA, the adapter (and with ``--merge``
@@ -37,8 +37,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         return read_checkpoint(path)["state_dict"]
     if not path.is_dir():
         raise SystemExit(f"export: no checkpoint at {path}")
-    if (path / ".metadata").exists():  # torch.distributed.checkpoint: sharded FSDP
-        return load_distributed_checkpoint(path)["model"]
+    if (path / ".metadata").exists():  # torch.distributed.checkpoint: FSDP1, FSDP2
+        state = load_distributed_checkpoint(path)
+        return state["model"] if "model" in state else state["state_dict"]
     if (path / "checkpoint").is_dir() or (path / "latest").exists():  # DeepSpeed
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -25,7 +25,9 @@ from src.compat import (
     fsdp_saves_full_state,
     replace_wrapped_checkpoint_io,
     saves_distributed_checkpoint,
+    training_loader_states,
 )
+from src.errors import ResumeError
 
 # ".last.ckpt.tmp-<pid>-<hex>": hidden, and not ending in ".ckpt", so globs for checkpoints
 # (``--ckpt_path last``, ``keep_last`` pruning) never see a half-written file.
@@ -148,3 +150,40 @@ def install_atomic_io(strategy: Strategy) -> bool:
 
 
 __all__ = ["AtomicCheckpointIO", "install_atomic_io", "read_checkpoint", "saves_single_file"]
+
+
+def move_data_position(checkpoint: dict[str, Any], processes: int) -> None:
+    """Translate a checkpoint's mid-epoch data position to ``processes`` data-parallel
+    processes (in place; the checkpoint records how many wrote it).
+
+    A distributed sampler deals rank ``r`` the indices ``r, r + W, r + 2W, ...`` of one
+    shuffled order that does not depend on ``W``: after ``k`` samples per rank the first
+    ``k * W`` are used, whatever ``W``. So ``k`` samples on each of ``W`` ranks become
+    ``k * W / processes`` on each of ``processes``, the same examples in the same global
+    batches. A single process without a distributed sampler draws another order: refused.
+    """
+    before = checkpoint.get("data_parallel_size")
+    if before is None or before == processes:
+        return
+    for state in training_loader_states(checkpoint):
+        position = state.get("_sampler_iter_state")
+        if not isinstance(position, dict) or "samples_yielded" not in position:
+            continue
+        if "sampler_iter_state" in position:  # a single process's random sampler
+            raise ResumeError(
+                f"this checkpoint was written by one process without a distributed sampler, "
+                f"whose mid-epoch data order {processes} processes cannot continue: resume "
+                "on one process, or from a checkpoint at an epoch's end"
+            )
+        used = position["samples_yielded"] * before
+        if used % processes:
+            raise ResumeError(
+                f"the checkpoint's {before} processes had used {used} examples of this "
+                f"epoch, which {processes} processes cannot split evenly: resume on a "
+                "number of processes that divides it, or from a checkpoint at an epoch's end"
+            )
+        position["samples_yielded"] = used // processes
+        rank_zero_info(
+            f"[resume] data position moved from {before} to {processes} processes: "
+            f"{used} examples of this epoch used"
+        )

@@ -35,6 +35,19 @@ def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
     return module._trainer
 
 
+def attached_strategy(module: pl.LightningModule) -> Strategy | None:
+    """The strategy of a LightningModule's trainer, or None when detached."""
+    trainer = attached_trainer(module)
+    return trainer.strategy if trainer is not None else None
+
+
+def training_loader_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The saved states of a checkpoint's training dataloaders (Lightning's fit loop state
+    ``combined_loader``: one dict per loader, its sampler's under ``_sampler_iter_state``)."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    return [s for s in loop.get("combined_loader", []) if isinstance(s, dict)]
+
+
 def redirect_forward(
     strategy: Strategy, module: pl.LightningModule, method: str, *args: Any
 ) -> Any:

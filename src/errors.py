@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A setting, or a combination of settings, that cannot work as given."""
 
 
+class ResumeError(ConfigError):
+    """A resume that would train something other than the run it continues."""
+
+
 class PathNotFoundError(FileNotFoundError):
     """A model, tokenizer, adapter or checkpoint path that does not exist."""
 

@@ -27,12 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from src.callbacks.run_record import flatten_config
 from src.checkpoint_io import read_checkpoint
-from src.errors import ConfigError, PathNotFoundError
-
-
-class ResumeError(ConfigError):
-    """A resume that would train something other than the run it continues."""
-
+from src.errors import PathNotFoundError, ResumeError
 
 # What a resume may change: the length of the fit, logging, validation, checkpointing and
 # the machines it runs on; and, within the model and data, settings that leave the training

@@ -197,6 +197,7 @@ NOT_INSTANTIATED = {
     "configs/trainer/gpu.yaml": "a GPU preset: needs a CUDA GPU",
     "configs/trainer/ddp.yaml": "a GPU preset: needs CUDA GPUs",
     "configs/trainer/fsdp.yaml": "a GPU preset: needs CUDA GPUs",
+    "configs/trainer/fsdp2.yaml": "a GPU preset: needs CUDA GPUs",
     "configs/trainer/deepspeed_zero3.yaml": "needs CUDA GPUs and deepspeed",
     "Qwen/Qwen2.5-0.5B-Instruct": "a hub model: needs the hub (tests run offline)",
     "runs/pretrain/version_0/hf": "needs the pretraining stage's export",

@@ -256,3 +256,38 @@ def test_accumulated_resume_mid_epoch_is_exact(
 def test_resume_with_loader_workers_is_exact(paths, tmp_path, streaming):
     kwargs = {"num_workers": 1, "streaming": streaming, "val_split": 2 if streaming else 0.0}
     assert_exact_resume(kwargs, paths, tmp_path, [4], 13)
+
+
+def _position(yielded: int, single_process: bool = False) -> dict:
+    state = {"samples_yielded": yielded}
+    if single_process:
+        state["sampler_iter_state"] = {"yielded": yielded, "generator": "..."}
+    loader = {"_sampler_iter_state": state, "_num_yielded": 1}
+    return {"loops": {"fit_loop": {"state_dict": {"combined_loader": [loader]}}}}
+
+
+def test_data_position_moves_to_another_process_count():
+    from src.checkpoint_io import move_data_position
+
+    checkpoint = {**_position(6), "data_parallel_size": 2}  # 6 per rank: 12 used
+    move_data_position(checkpoint, 4)
+    loader = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader["_sampler_iter_state"]["samples_yielded"] == 3
+    same = {**_position(6), "data_parallel_size": 2}
+    move_data_position(same, 2)
+    assert same["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["_sampler_iter_state"] == {
+        "samples_yielded": 6
+    }
+    unrecorded = _position(6)  # written before the count was recorded: left as it is
+    move_data_position(unrecorded, 1)
+    assert unrecorded == _position(6)
+
+
+def test_data_position_that_cannot_move_is_refused():
+    from src.checkpoint_io import move_data_position
+    from src.errors import ResumeError
+
+    with pytest.raises(ResumeError, match="used 6 examples of this epoch, which 4 processes"):
+        move_data_position({**_position(3), "data_parallel_size": 2}, 4)
+    with pytest.raises(ResumeError, match="one process without a distributed sampler"):
+        move_data_position({**_position(4, single_process=True), "data_parallel_size": 1}, 2)

@@ -16,8 +16,10 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from src.callbacks.hf_export import export
+from src.compat import saves_distributed_checkpoint
 from src.modules import LoraSettings, SFTModule
 from src.strategies import (
+    LayerFSDP2Strategy,
     LayerFSDPStrategy,
     decoder_layer_classes,
     full_state_dict,
@@ -52,6 +54,16 @@ def test_fsdp_preset_instantiates_layer_sharding():
     assert hybrid.sharding_strategy == ShardingStrategy.HYBRID_SHARD
 
 
+def test_fsdp2_preset_instantiates_layer_sharding():
+    spec = preset_strategy("fsdp2.yaml")
+    assert spec["class_path"] == "src.strategies.LayerFSDP2Strategy"
+    strategy = LayerFSDP2Strategy(**spec["init_args"])
+    assert (strategy.param_dtype, strategy.reduce_dtype) == ("bfloat16", "float32")
+    assert strategy.checkpoint_layers and not strategy.cpu_offload
+    assert strategy._tensor_parallel_size == 1  # every process a data-parallel shard
+    assert saves_distributed_checkpoint(strategy)
+
+
 def test_layer_policy_is_found_from_the_model(micro_model_dir, monkeypatch):
     module = micro_module(micro_model_dir)
     assert decoder_layer_classes(module) == {LlamaDecoderLayer}
@@ -59,7 +71,12 @@ def test_layer_policy_is_found_from_the_model(micro_model_dir, monkeypatch):
     assert decoder_layer_classes(lora) == {LlamaDecoderLayer}  # through the peft wrapper
 
     seen = {}
-    monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: seen.update(self.kwargs))
+
+    def setup_model(self, model):
+        seen.update(self.kwargs)
+        return model
+
+    monkeypatch.setattr(FSDPStrategy, "_setup_model", setup_model)
     # a GPU's path (Lightning wraps); the CPU path runs for real in tests/test_ddp.py
     strategy = LayerFSDPStrategy(parallel_devices=[torch.device("cuda", 0)], checkpoint_layers=True)
     strategy._setup_model(module)

@@ -42,7 +42,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from src.compat import apply_liger_kernels, attached_trainer
+from src.checkpoint_io import move_data_position
+from src.compat import apply_liger_kernels, attached_strategy, attached_trainer
 from src.datamodules.tokenizer import TokenizerKey, load_tokenizer
 from src.errors import ConfigError, PathNotFoundError, hub_not_found
 from src.generation import generate
@@ -52,6 +53,8 @@ from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
 from src.strategies import (
     engine_owns_gradients,
     is_fsdp,
+    is_fsdp2,
+    local_part,
     missing_requirements,
     model_key,
     parameters_are_sharded,
@@ -168,6 +171,14 @@ class CausalLMModule(pl.LightningModule):
         }
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         rank_zero_info(f"[model] {type(self.model).__name__}: {n_params / 1e6:.2f}M parameters")
+        self.on_model_built()
+        strategy = attached_strategy(self)
+        if strategy is not None and is_fsdp2(strategy):
+            strategy.shard(self.model)
+
+    def on_model_built(self) -> None:
+        """Build what needs the model's initial, unsharded weights (a frozen reference copy);
+        FSDP2 shards the model right after this hook."""
 
     def build_model(self) -> PreTrainedModel:
         """The trained model: the base, with adapters when ``lora`` is set."""
@@ -185,7 +196,7 @@ class CausalLMModule(pl.LightningModule):
     ) -> PreTrainedModel:
         """A Hugging Face causal LM: from a checkpoint, or initialised from its config."""
         check_local_path(name_or_path, "model")
-        strategy = getattr(attached_trainer(self), "strategy", None)
+        strategy = attached_strategy(self)
         if strategy is not None and zero_stage(strategy) == 3:
             # transformers partitions the weights as it loads them only when it is told
             # ZeRO-3 is on; the object must stay alive (transformers keeps a weak reference)
@@ -326,19 +337,26 @@ class CausalLMModule(pl.LightningModule):
 
     def _grad_norm(self) -> float | None:
         """The global L2 norm of the step's gradients (over the shards under FSDP)."""
-        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        grads = [
+            local_part(p.grad)[0] for p in self.trainer.model.parameters() if p.grad is not None
+        ]
         if not grads:  # DeepSpeed keeps them to itself; a skipped step has none
             return None
         squares = torch.nn.utils.get_total_norm(grads).float() ** 2
-        if is_fsdp(self.trainer.strategy):
-            squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
+        strategy = self.trainer.strategy
+        if is_fsdp(strategy) or is_fsdp2(strategy):
+            squares = strategy.reduce(squares, reduce_op="sum")
         return squares.sqrt().item()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self._tokens_seen
+        checkpoint["data_parallel_size"] = self.trainer.world_size
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._tokens_seen = checkpoint.get("tokens_seen", 0)
+        trainer = attached_trainer(self)
+        if trainer is not None:  # before Lightning restores the data position from it
+            move_data_position(checkpoint, trainer.world_size)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _accumulate(self._eval_sums, self.loss_terms(batch))
@@ -361,7 +379,7 @@ class CausalLMModule(pl.LightningModule):
     ) -> list[str]:
         """Completions of chat prompts. Under FSDP and ZeRO-3 every rank must call it: the
         ranks decode in lockstep until all are done (``synced_gpus``)."""
-        strategy = getattr(attached_trainer(self), "strategy", None)
+        strategy = attached_strategy(self)
         synced = strategy is not None and parameters_are_sharded(strategy)
         return generate(
             self.model,

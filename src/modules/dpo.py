@@ -71,8 +71,7 @@ class DPOModule(CausalLMModule):
     def loss_divisor(self) -> float:
         return 1.0  # pair losses are O(1) already
 
-    def configure_model(self) -> None:
-        super().configure_model()
+    def on_model_built(self) -> None:
         if self.reference is not None:
             self.reference.setup(self)
 

@@ -25,11 +25,19 @@ import torch
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from src.compat import attached_trainer
+from src.compat import attached_strategy, attached_trainer
 from src.errors import ConfigError
 from src.modules.base import CausalLMModule, logits_of
 from src.modules.losses import sequence_logps
-from src.strategies import is_fsdp, model_key, parameters_are_sharded, shard_like_policy, zero_stage
+from src.strategies import (
+    is_fsdp,
+    is_fsdp2,
+    local_part,
+    model_key,
+    parameters_are_sharded,
+    shard_like_policy,
+    zero_stage,
+)
 
 Mode = Literal["separate", "adapters_off", "initial_policy", "frozen_copy"]
 Scores = dict[str, torch.Tensor]  # column name -> one value per row of a batch
@@ -95,10 +103,14 @@ class Reference:
             self.model = _frozen(policy.load_model(self.name_or_path))
 
     def on_fit_start(self) -> None:
-        """Shard a separate model or a copy like the policy (FSDP)."""
+        """Shard a separate model or a copy like the policy (FSDP1, FSDP2)."""
         strategy = _strategy(self._policy)
-        if self.model is not None and strategy is not None and is_fsdp(strategy):
+        if self.model is None or strategy is None:
+            return
+        if is_fsdp(strategy):
             self.model = shard_like_policy(strategy, self.model)
+        elif is_fsdp2(strategy):
+            self.model = strategy.shard(self.model, trainable=False).to(strategy.root_device)
 
     def release(self) -> None:
         self.model = None
@@ -187,16 +199,17 @@ def weights_digest(model: torch.nn.Module, strategy: Strategy | None) -> str:
     """A fingerprint of a model's weights without its adapters (per tensor: size, sum, sum
     of squares). Under FSDP and ZeRO-3 each rank sees only its shard: the statistics are
     summed over the ranks, so every rank computes the same digest."""
-    names, stats = [], []
+    names, stats, sharded = [], [], is_fsdp(strategy) if strategy is not None else False
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:  # the reference is the base model without its adapters
                 continue
-            x = getattr(p, "ds_tensor", p).detach().double()
+            x, shard = local_part(p)
+            x, sharded = x.detach().double(), sharded or shard
             names.append(model_key(name))
             stats.append(torch.stack([torch.tensor(x.numel()).double(), x.sum(), (x * x).sum()]))
     table = torch.stack(stats).to(next(model.parameters()).device)
-    if strategy is not None and parameters_are_sharded(strategy):
+    if sharded and strategy is not None and parameters_are_sharded(strategy):
         table = strategy.reduce(table, reduce_op="sum")
     digest = hashlib.sha256()
     for name, (n, total, squares) in zip(names, table.tolist(), strict=True):
@@ -205,8 +218,7 @@ def weights_digest(model: torch.nn.Module, strategy: Strategy | None) -> str:
 
 
 def _strategy(module: CausalLMModule | None) -> Strategy | None:
-    trainer = attached_trainer(module) if module is not None else None
-    return trainer.strategy if trainer is not None else None
+    return attached_strategy(module) if module is not None else None
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:
