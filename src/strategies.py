@@ -177,7 +177,12 @@ class LayerFSDP2Strategy(ModelParallelStrategy):
             "mp_policy": MixedPrecisionPolicy(
                 param_dtype=dtype(self.param_dtype), reduce_dtype=dtype(self.reduce_dtype)
             ),
-            "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+            # pinned memory (for fast copies to a GPU) needs a GPU
+            "offload_policy": (
+                CPUOffloadPolicy(pin_memory=not on_cpu(self))
+                if self.cpu_offload
+                else OffloadPolicy()
+            ),
         }
         if self.checkpoint_layers and trainable and hasattr(model, "gradient_checkpointing_enable"):
             # transformers checkpoints each decoder layer's call: the layer is also the FSDP
@@ -211,9 +216,11 @@ class LayerFSDPStrategy(FSDPStrategy):
     """
 
     def __init__(self, *args: Any, checkpoint_layers: bool = False, **kwargs: Any) -> None:
-        kwargs.setdefault("auto_wrap_policy", DecoderLayerPolicy())
-        if checkpoint_layers:
-            kwargs.setdefault("activation_checkpointing_policy", DecoderLayerPolicy())
+        # `is None`, not setdefault: the CLI passes every argument it knows, None included
+        if kwargs.get("auto_wrap_policy") is None:
+            kwargs["auto_wrap_policy"] = DecoderLayerPolicy()
+        if checkpoint_layers and kwargs.get("activation_checkpointing_policy") is None:
+            kwargs["activation_checkpointing_policy"] = DecoderLayerPolicy()
         super().__init__(*args, **kwargs)
         self.checkpoint_layers = checkpoint_layers
 

@@ -203,3 +203,26 @@ def test_dpo_reference_is_sharded_like_the_policy_under_fsdp(micro_model_dir, mo
     assert copy is not None and copy is not module.model
     module.on_fit_start()
     assert sharded == [copy] and module.reference.model == "sharded"
+
+
+@pytest.mark.parametrize("preset", ["fsdp.yaml", "fsdp2.yaml"])
+def test_presets_instantiated_as_the_cli_does_keep_their_layer_policies(preset):
+    """jsonargparse passes every parent argument it knows, None included: the decoder-layer
+    policies must survive an explicit ``auto_wrap_policy=None``."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    from src.strategies import DecoderLayerPolicy
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(Strategy, "strategy")
+    strategy = parser.instantiate_classes(
+        parser.parse_object({"strategy": preset_strategy(preset)})
+    ).strategy
+    if isinstance(strategy, LayerFSDPStrategy):
+        assert isinstance(strategy.kwargs["auto_wrap_policy"], DecoderLayerPolicy)
+        assert isinstance(
+            strategy._activation_checkpointing_kwargs["auto_wrap_policy"], DecoderLayerPolicy
+        )
+    else:
+        assert strategy.checkpoint_layers and strategy.param_dtype == "bfloat16"
