@@ -249,6 +249,12 @@ class PrivateHook:
 _CALLBACKS = "lightning.pytorch.callbacks"
 PRIVATE_HOOKS = (
     PrivateHook(
+        "lightning.pytorch.strategies.ModelParallelStrategy",
+        "_data_parallel_size",
+        None,
+        "src.strategies.LayerFSDP2Strategy.setup_environment sets it",
+    ),
+    PrivateHook(
         "lightning.pytorch.strategies.FSDPStrategy",
         "_setup_model",
         ("model",),
