@@ -5,7 +5,7 @@ import sys
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from src.callbacks import DivergenceError
-from src.cli import cli_main
+from src.cli import cli_main, close_process_group
 from src.datamodules import DataError
 from src.errors import ConfigError, PathNotFoundError, one_line
 
@@ -34,6 +34,7 @@ def user_error(err: BaseException | None) -> tuple[str, BaseException] | None:
 if __name__ == "__main__":
     try:
         cli_main()
+        close_process_group()
     except Exception as err:
         found = user_error(err)
         if found is None:

@@ -294,4 +294,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LLMCLI:
     )
 
 
-__all__ = ["LLMCLI", "check_machine", "cli_main", "resolve_checkpoint"]
+def close_process_group() -> None:
+    """Leave the process group once the subcommand is done: its communication threads are
+    joined now rather than destroyed at interpreter exit, where a still-running one aborts
+    the process ("terminate called without an active exception") after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["LLMCLI", "check_machine", "cli_main", "close_process_group", "resolve_checkpoint"]

@@ -225,11 +225,8 @@ def test_sharded_sft_matches_one_process_and_resumes_exactly(
     assert_same_training(sft_single, resumed)
     # scripts/export.py consolidates the step-3 checkpoint into the weights hf/ holds
     exported = export_checkpoint(last, tmp / "exported")
-    in_fit = dict(resumed.weights)
-    tied = in_fit.pop("lm_head.weight", None)  # tied: the in-fit export writes it out too
-    if tied is not None:
-        assert torch.equal(tied, in_fit["model.embed_tokens.weight"])
-    assert exported.keys() == in_fit.keys()
+    in_fit = resumed.weights
+    assert exported.keys() == in_fit.keys()  # a tied head is saved once by both
     for name, value in in_fit.items():
         assert torch.equal(exported[name], value), name
 
@@ -363,15 +360,16 @@ def deepspeed_strategy(zero: str, tmp: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    "zero, resume", [("zero2", True), ("zero3", True), ("zero3_offload", False)]
+    "zero, resume", [("zero2", False), ("zero3", True), ("zero3_offload", False)]
 )
 def test_deepspeed_sft_matches_one_process(
     zero, resume, tmp_path, saved_model_dir, sft_data, sft_single
 ):
     """ZeRO-2, ZeRO-3 and ZeRO-3 with offload on 2 CPU processes, clipping by the engine:
     the losses and the exported weights equal three steps of one plain process, also with two
-    steps, a DeepSpeed checkpoint and --ckpt_path last for the third (ZeRO-2 and ZeRO-3,
-    whose checkpoints differ); scripts/export.py on the last checkpoint equals hf/."""
+    steps, a DeepSpeed checkpoint and --ckpt_path last for the third (ZeRO-3, whose
+    checkpoint holds partitioned weights); scripts/export.py on the last checkpoint (ZeRO-2:
+    whole weights, ZeRO-3: partitions) equals hf/."""
     common = ("--trainer.strategy", deepspeed_strategy(zero, tmp_path))
     if resume:
         fit("sft.yaml", tmp_path, "run", saved_model_dir, sft_data, 2, *common,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -66,7 +67,8 @@ def export(pl_module: pl.LightningModule, out: Path, state: dict | None = None) 
     """``save_pretrained`` of the module's model (or of ``state``, its full weights gathered
     from shards) and tokenizer; with ``lora.merge`` also ``merged/``."""
     model = pl_module.model
-    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    saved = without_tied_copies(model, state) if state is not None else None
+    model.save_pretrained(out, state_dict=saved, safe_serialization=True)
     clear_padding(pl_module.tokenizer).save_pretrained(out)  # as loaded: a clean input
     rank_zero_info(f"[export] model and tokenizer written to {out}")
     lora = getattr(pl_module, "lora", None)
@@ -79,6 +81,19 @@ def export(pl_module: pl.LightningModule, out: Path, state: dict | None = None) 
         merged.save_pretrained(out / "merged", safe_serialization=True)
         clear_padding(pl_module.tokenizer).save_pretrained(out / "merged")
         rank_zero_info(f"[export] merged model written to {out / 'merged'}")
+
+
+def without_tied_copies(model: torch.nn.Module, state: dict) -> dict:
+    """Full weights gathered from shards hold a tied tensor (embeddings and LM head) once per
+    name, as separate copies that ``save_pretrained`` cannot see are tied: keep the first name
+    only, as a model saved unsharded does."""
+    first: dict[int, str] = {}
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = model_key(name)
+        if first.setdefault(id(param), key) != key:
+            copies.add(key)
+    return {k: v for k, v in state.items() if k not in copies}
 
 
 def ranked_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
