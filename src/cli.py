@@ -295,12 +295,13 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LLMCLI:
 
 
 def close_process_group() -> None:
-    """Leave the process group once the subcommand is done: its communication threads are
-    joined now rather than destroyed at interpreter exit, where a still-running one aborts
-    the process ("terminate called without an active exception") after a successful run."""
+    """Leave the process group once the subcommand is done, every rank together: a rank that
+    exits while rank 0 still writes (the export) otherwise aborts ("terminate called without
+    an active exception") in the communication threads, after a successful run."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
