@@ -6,6 +6,9 @@ run averages over the same examples, whatever the sampler's order: the step loss
 if the mean is taken over every label token (or pair) across devices, not per device. Every
 run starts from the same saved weights and clips gradients at a threshold that bites at
 every step, so clipping (over the shards, where there are shards) is checked everywhere.
+The one-process baselines run the full-logits head (``lm_head: full``) and every other run
+the lean head (the default), so the lean head under each sharder, gathering the sharded
+head weight through its forward, is checked against the plain computation.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 3
 CLIP = 0.05  # below every step's gradient norm here
+FULL = ("--model.init_args.lm_head", "full")  # the baselines' head path
 
 
 class Run(NamedTuple):
@@ -89,6 +93,8 @@ def fit(
         *(("--trainer.strategy", "ddp") if devices > 1 and "--trainer.strategy" not in extra
           else ()),
     )  # fmt: skip
+    head = "full" if "full" in extra else "lean"
+    assert f"[head] {head}:" in log  # which head path ran
     run = tmp / "runs" / name / "version_0"
     losses = [v for _, v in scalars(run, "train/loss")]
     return Run(losses, load_file(run / "hf" / weights), log, run)
@@ -145,7 +151,9 @@ def sft_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sft_single(tmp_path_factory, saved_model_dir, sft_data) -> Run:
-    single = fit("sft.yaml", tmp_path_factory.mktemp("one"), "one", saved_model_dir, sft_data, 1)
+    single = fit(
+        "sft.yaml", tmp_path_factory.mktemp("one"), "one", saved_model_dir, sft_data, 1, *FULL
+    )
     norms = [v for _, v in scalars(single.path, "train/grad_norm")]
     assert len(norms) == STEPS and min(norms) > CLIP  # clipped at every step
     return single
@@ -166,7 +174,8 @@ def dpo_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dpo_single(tmp_path_factory, saved_model_dir, dpo_data) -> Run:
-    return fit("dpo.yaml", tmp_path_factory.mktemp("one"), "one", saved_model_dir, dpo_data, 1)
+    tmp = tmp_path_factory.mktemp("one")
+    return fit("dpo.yaml", tmp, "one", saved_model_dir, dpo_data, 1, *FULL)
 
 
 # ------------------------------------------------------------------------------------- DDP
@@ -286,7 +295,7 @@ MERGED = "merged/model.safetensors"
 @pytest.fixture(scope="module")
 def lora_single(tmp_path_factory, saved_model_dir, sft_data) -> Run:
     tmp = tmp_path_factory.mktemp("one")
-    return fit("sft.yaml", tmp, "one", saved_model_dir, sft_data, 1, *LORA, weights=MERGED)
+    return fit("sft.yaml", tmp, "one", saved_model_dir, sft_data, 1, *LORA, *FULL, weights=MERGED)
 
 
 @SHARDED

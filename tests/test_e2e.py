@@ -273,11 +273,16 @@ def objective_args(config: str, runs: Path, model_dir: Path, *extra: str) -> lis
     ]
 
 
-def test_dpo_fit_starts_at_ln2_with_zero_rewards(tmp_path, micro_model_dir):
-    cli_main(objective_args("dpo.yaml", tmp_path, micro_model_dir))
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_dpo_fit_starts_at_ln2_with_zero_rewards(tmp_path, micro_model_dir, packing):
+    extra = ("--data.init_args.packing", "true") if packing else ()
+    cli_main(objective_args("dpo.yaml", tmp_path, micro_model_dir, *extra))
     run_dir = tmp_path / "dpo" / "version_0"
     (step0, loss0), *_ = scalars(run_dir, "val/loss")
     assert step0 == 0 and loss0 == pytest.approx(math.log(2), abs=1e-6)
+    assert scalars(run_dir, "train/loss")[0][1] == pytest.approx(math.log(2), abs=1e-6)
+    efficiency = [v for _, v in scalars(run_dir, "train/padding_efficiency")]
+    assert len(efficiency) == 4 and (min(efficiency) > 0.9) == packing, efficiency
     for tag in ("chosen", "rejected", "margins"):
         assert scalars(run_dir, f"val/rewards/{tag}")[0][1] == pytest.approx(0.0, abs=1e-7)
     for tag in ("train/rewards/accuracies", "train/logps/chosen", "val/logps/rejected"):

@@ -119,7 +119,8 @@ class Throughput(pl.Callback):
       ``real_tokens`` (chosen + rejected for preference pairs), else every token slot (the
       batches' ``token_slots``).
     - ``train/samples_per_sec``: batch rows per second over all ranks (a preference pair is one
-      sample, a packed row one sample).
+      sample, a packed SFT row one sample, a packed preference row as many as its pairs: the
+      batches' ``examples``).
     - ``train/mfu``: model FLOPs utilisation, the model FLOP/s achieved per device over the
       device's dense bf16 peak. Model FLOPs are ``flops_per_token(config, N, T)`` times the
       real tokens, T each batch's row length, N from ``non_embedding_params``; padding
@@ -240,7 +241,7 @@ class Throughput(pl.Callback):
             self._flops = self._flops + real * flops_per_token(
                 self._config, self._n_params, rows.shape[1]
             )
-        self._samples += rows.shape[0]
+        self._samples = self._samples + self._as_count(batch.get("examples"), rows.shape[0])
         self._slots = self._slots + slots
 
     def _as_count(self, value: Any, default: Any) -> Any:

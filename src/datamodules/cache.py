@@ -167,8 +167,11 @@ def add_scored_columns(
         every = max(1, -(-len(data) // batch_size) // 10)  # about ten lines a split, in any log
         for n, start in enumerate(range(0, len(data), batch_size)):
             rows = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-            for name, value in score(collate(rows)).items():
-                values[name] += value.detach().float().cpu().tolist()
+            for name, value in score(collate(rows)).items():  # a tensor, or one per row
+                parts = value if isinstance(value, list) else [value]
+                for part in parts:
+                    as_list = part.detach().float().cpu().tolist()
+                    values[name] += [as_list] if isinstance(value, list) else as_list
             done, total = start + len(rows), len(data)
             if (n + 1) % every == 0 or done == total:
                 rank_zero_info(f"[data] {label} of {split}: {done}/{total} {unit}")

@@ -111,13 +111,24 @@ def _concatenate(rows: Sequence[Row]) -> Row:
 
 
 class PreferenceCollator:
-    """Chosen and rejected rows padded to one common width, with their attention masks."""
+    """Chosen and rejected rows padded to one common width, with their attention masks.
+
+    Packed rows (``seq_lengths``: each pair's chosen then rejected sequence) become one
+    batch of rows with ``position_ids`` restarting per sequence and ``sequence_ids``: each
+    token's sequence in the order of the unpacked batch, the batch's chosen sequences
+    ``0 .. P-1`` then its rejected ones ``P .. 2P-1``, pairs numbered row by row; with
+    ``sequence_count`` (2P), ``row_pairs`` (pairs per row) and ``examples`` (P). Per-pair
+    columns (loss weights, reference log-probs) are flattened in the same pair order.
+    """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1) -> None:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = max(1, pad_to_multiple_of)
+        self.packed_rows = Collator(pad_token_id, pad_to_multiple_of)
 
     def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        if "seq_lengths" in rows[0]:
+            return self._packed(rows)
         longest = max(len(r[f"{s}_input_ids"]) for r in rows for s in ("chosen", "rejected"))
         width = _round_up(longest, self.pad_to_multiple_of)
         batch: dict[str, torch.Tensor] = {}
@@ -146,3 +157,37 @@ class PreferenceCollator:
         batch["real_tokens"] = torch.tensor(real)
         batch["token_slots"] = torch.tensor(2 * len(rows) * width)
         return batch
+
+    def _packed(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        # the rows' tokens, labels, positions and counts as for packed SFT rows
+        batch = self.packed_rows(
+            [{k: r[k] for k in ("input_ids", "labels", "seq_lengths")} for r in rows]
+        )
+        row_pairs = [len(r["seq_lengths"]) // 2 for r in rows]
+        pairs = sum(row_pairs)
+        sequence_ids = torch.zeros_like(batch["input_ids"])  # padding: labels -100, never read
+        first = 0
+        for i, row in enumerate(rows):
+            start = 0
+            for k, n in enumerate(row["seq_lengths"]):
+                pair, rejected = first + k // 2, k % 2
+                sequence_ids[i, start : start + n] = pair + rejected * pairs
+                start += n
+            first += row_pairs[i]
+        batch |= {
+            "sequence_ids": sequence_ids,
+            "sequence_count": torch.tensor(2 * pairs),
+            "row_pairs": torch.tensor(row_pairs),
+            "examples": torch.tensor(pairs),
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([v for r in rows for v in r[key]], dtype=torch.float32)
+        weights = [w for r, n in zip(rows, row_pairs, strict=True) for w in _pair_weights(r, n)]
+        if any(w != 1.0 for w in weights):
+            batch["loss_weight"] = torch.tensor(weights, dtype=torch.float32)
+        return batch
+
+
+def _pair_weights(row: Row, pairs: int) -> list[float]:
+    return row["loss_weight"] if "loss_weight" in row else [1.0] * pairs

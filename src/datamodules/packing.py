@@ -1,8 +1,10 @@
 """Packing many examples into rows of ``max_length`` tokens without contaminating each other.
 
-SFT rows are filled by best-fit-decreasing: no example is ever split across rows. Pretraining
-text is concatenated and cut into blocks. Each packed row records ``seq_lengths``, from which
-the collator restarts ``position_ids`` for every document (see ``collate.py``).
+SFT rows are filled by best-fit-decreasing: no example is ever split across rows. Preference
+pairs are packed alike, a pair (its chosen sequence, then its rejected one) being the unit.
+Pretraining text is concatenated and cut into blocks. Each packed row records
+``seq_lengths``, from which the collator restarts ``position_ids`` for every document (see
+``collate.py``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,46 @@ def pack_rows(
         rows["seq_lengths"].append([len(input_ids[i]) for i in members])
         if loss_weights is not None:
             rows["seq_weights"].append([float(loss_weights[i]) for i in members])
+    return rows
+
+
+PAIR_SIDES = ("chosen", "rejected")
+
+
+def pack_pairs(columns: dict[str, list], capacity: int) -> dict[str, list[list]]:
+    """Preference pairs packed whole into rows of at most ``capacity`` tokens.
+
+    A row holds ``input_ids`` and ``labels`` of its pairs, each pair's chosen sequence then
+    its rejected one, ``seq_lengths`` of those sequences (two per pair), and each pair's
+    ``loss_weight`` when the columns have one. Pairs longer than a row raise ``ValueError``.
+    """
+    lengths = [
+        len(c) + len(r)
+        for c, r in zip(columns["chosen_input_ids"], columns["rejected_input_ids"], strict=True)
+    ]
+    longest = max(lengths, default=0)
+    if longest > capacity:
+        over = sum(n > capacity for n in lengths)
+        raise ValueError(
+            f"{over} preference pairs (chosen + rejected) are longer than the row length "
+            f"{capacity}, the longest {longest} tokens"
+        )
+    weights = columns.get("loss_weight")
+    rows: dict[str, list[list]] = {"input_ids": [], "labels": [], "seq_lengths": []}
+    if weights is not None:
+        rows["loss_weight"] = []
+    for members in best_fit_decreasing(lengths, capacity):
+        ids, labels, seq_lengths = [], [], []
+        for i in members:
+            for side in PAIR_SIDES:
+                ids += columns[f"{side}_input_ids"][i]
+                labels += columns[f"{side}_labels"][i]
+                seq_lengths.append(len(columns[f"{side}_input_ids"][i]))
+        rows["input_ids"].append(ids)
+        rows["labels"].append(labels)
+        rows["seq_lengths"].append(seq_lengths)
+        if weights is not None:
+            rows["loss_weight"].append([float(weights[i]) for i in members])
     return rows
 
 

@@ -19,6 +19,7 @@ from src.datamodules.chat import (
 )
 from src.datamodules.collate import PreferenceCollator
 from src.datamodules.formats import to_preference
+from src.datamodules.packing import pack_pairs
 from src.datamodules.records import DataError, Record
 from src.datamodules.stats import SplitStats
 
@@ -33,13 +34,28 @@ class PreferenceDataModule(BaseDataModule):
     rejected carry exactly the same prompt tokens. Too-long pairs keep the end of the prompt
     (and its BOS) and the start of the responses; they are counted.
 
+    ``max_length`` bounds each sequence (prompt + one response). With ``packing``, whole
+    pairs are packed into rows of ``pack_length`` tokens by best-fit-decreasing, a row's
+    sequences each with ``position_ids`` from 0 and no attention across them; a batch then
+    holds ``batch_size`` rows of any number of pairs, and the loss is still the mean over
+    the pairs of a step.
+
     Args:
         max_prompt_length: Prompt tokens kept when a pair is too long (default: half of
             ``max_length``); a prompt keeps more when the responses leave room.
+        packing: Pack pairs into rows (padding-free preference training).
+        pack_length: Tokens per packed row (default ``2 * max_length``, which any pair fits).
         **kwargs: See ``BaseDataModule``.
     """
 
-    def __init__(self, *args: Any, max_prompt_length: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_prompt_length: int | None = None,
+        packing: bool = False,
+        pack_length: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_prompt_length = max_prompt_length or self.max_length // 2
         if not 0 < self.max_prompt_length < self.max_length:
@@ -47,9 +63,27 @@ class PreferenceDataModule(BaseDataModule):
                 f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
                 f"({self.max_length})"
             )
+        self.packing = packing
+        self.pack_length = pack_length or 2 * self.max_length
+        if self.pack_length < 2:
+            raise ValueError(f"pack_length must be at least 2, got {self.pack_length}")
 
     def settings(self) -> dict[str, Any]:
-        return {"max_prompt_length": self.max_prompt_length}
+        packing = {"packing": True, "pack_length": self.pack_length} if self.packing else {}
+        return {"max_prompt_length": self.max_prompt_length, **packing}
+
+    def finalize(self, columns: Columns, stats: SplitStats) -> Columns:
+        if not self.packing:
+            return columns
+        try:
+            packed = pack_pairs(columns, self.pack_length)
+        except ValueError as err:
+            raise DataError(
+                f"{err}: raise data.init_args.pack_length (its default, 2 * max_length = "
+                f"{2 * self.max_length}, fits every pair)"
+            ) from None
+        stats.packed_rows, stats.row_length = len(packed["input_ids"]), self.pack_length
+        return packed
 
     @cached_property
     def encoder(self) -> ChatEncoder:

@@ -49,6 +49,8 @@ from src.errors import ConfigError, PathNotFoundError, hub_not_found
 from src.generation import generate
 from src.local_paths import check_local_path
 from src.modules.adapters import LoraSettings, add_adapters, quantization_kwargs
+from src.modules.head import DEFAULT_CHUNK_SIZE, HeadPath, label_logps, logits_of
+from src.modules.losses import LabelLogps
 from src.modules.schedules import ScheduleName, lr_multiplier, warmup_steps
 from src.strategies import (
     engine_owns_gradients,
@@ -98,6 +100,11 @@ class CausalLMModule(pl.LightningModule):
         compile: ``torch.compile`` the model (dynamic shapes; best with packed rows).
         liger_kernels: Patch in Liger's fused kernels (RMSNorm, RoPE, SwiGLU) when the
             ``liger-kernel`` package is installed; a clear error otherwise.
+        lm_head: ``lean``: the objectives get the label tokens' log-probabilities from the
+            head chunk by chunk, never the full logits (``head.py``); ``full``: from the
+            logits of every position (the reference path, for comparison).
+        lm_head_chunk_size: Label tokens per chunk of the lean head (one chunk of
+            ``chunk x vocab`` float32 logits exists at a time).
     """
 
     log_perplexity = False
@@ -121,8 +128,12 @@ class CausalLMModule(pl.LightningModule):
         lora: LoraSettings | None = None,
         compile: bool = False,
         liger_kernels: bool = False,
+        lm_head: HeadPath = "lean",
+        lm_head_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
+        if lm_head_chunk_size < 1:
+            raise ConfigError(f"lm_head_chunk_size must be at least 1, got {lm_head_chunk_size}")
         if from_scratch and lora is not None and lora.load_in_4bit:
             # from_config has no quantised weights to load: the 4-bit flag would be dropped
             raise ConfigError(
@@ -145,6 +156,8 @@ class CausalLMModule(pl.LightningModule):
         self.lora = lora
         self.compile = compile
         self.liger_kernels = liger_kernels
+        self.lm_head = lm_head
+        self.lm_head_chunk_size = lm_head_chunk_size
         self.model: PreTrainedModel | None = None
         self.tokenizer_key = TokenizerKey(
             self.tokenizer_name_or_path, trust_remote_code, chat_template
@@ -236,6 +249,17 @@ class CausalLMModule(pl.LightningModule):
         """Logits for a batch; ``use_cache=False`` so packed rows get a block-diagonal mask."""
         return logits_of(self.model, batch)
 
+    def label_logps(
+        self,
+        batch: dict[str, torch.Tensor],
+        smoothing: bool = False,
+        model: torch.nn.Module | None = None,
+    ) -> LabelLogps:
+        """The label tokens' log-probabilities under ``model`` (default: the policy), by the
+        head path of ``lm_head``; ``smoothing`` adds the means over the vocabulary."""
+        model = self.model if model is None else model
+        return label_logps(model, batch, self.lm_head, self.lm_head_chunk_size, smoothing)
+
     # ------------------------------------------------------------- objective
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         """The objective: summed loss of a micro-batch, its unit count, and metric sums."""
@@ -270,6 +294,9 @@ class CausalLMModule(pl.LightningModule):
                 "compile); on a CPU use sdpa, which gives packed rows the same masks"
             )
         self._step_sums = {}  # nothing left over from an interrupted fit
+        how = f"label tokens only, {self.lm_head_chunk_size} per chunk"
+        how = how if self.lm_head == "lean" else "logits of every position"
+        rank_zero_info(f"[head] {self.lm_head}: {how}")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
@@ -472,12 +499,6 @@ def full_shape(param: torch.Tensor) -> torch.Size:
     """A parameter's real shape: ZeRO-3 partitions weights as transformers loads them,
     leaving an empty 1-D placeholder whose shape DeepSpeed keeps as ``ds_shape``."""
     return getattr(param, "ds_shape", param.shape)
-
-
-def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    keys = ("input_ids", "attention_mask", "position_ids")
-    inputs = {k: batch[k] for k in keys if k in batch}
-    return model(**inputs, use_cache=False).logits
 
 
 LIGER = "model.init_args.liger_kernels: true"

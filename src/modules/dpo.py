@@ -14,6 +14,7 @@ from src.strategies import call_outside_step
 
 LossType = Literal[tuple(losses.PREFERENCE_LOSSES)]  # the rows of the loss table
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+PACKED_INPUTS = ("input_ids", "labels", "position_ids", "sequence_ids", "sequence_count")
 
 
 class DPOModule(CausalLMModule):
@@ -90,6 +91,9 @@ class DPOModule(CausalLMModule):
     def _reference_columns(self, batch: dict[str, torch.Tensor]) -> Scores:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         chosen, rejected = call_outside_step(self, "reference_logps", batch).chunk(2)
+        if "row_pairs" in batch:  # packed: a list per row, its pairs' values
+            split = batch["row_pairs"].tolist()
+            chosen, rejected = list(chosen.split(split)), list(rejected.split(split))
         return dict(zip(REFERENCE_COLUMNS, (chosen, rejected), strict=True))
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -100,7 +104,7 @@ class DPOModule(CausalLMModule):
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         inputs = _concatenated(batch)
-        logps, counts = losses.sequence_logps(self(inputs), inputs["labels"])
+        logps, counts = self.label_logps(inputs).sequence_sums(inputs)
         counts = counts.clamp(min=1)
         means = logps / counts
         row = self.objective
@@ -130,7 +134,10 @@ class DPOModule(CausalLMModule):
 
 
 def _concatenated(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows as one batch (the collator pads both to one width)."""
+    """Chosen rows then rejected rows as one batch (the collator pads both to one width);
+    packed rows as they are, their sequences numbered chosen then rejected."""
+    if "sequence_ids" in batch:
+        return {key: batch[key] for key in PACKED_INPUTS if key in batch}
     return {
         key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
         for key in ("input_ids", "attention_mask", "labels")

@@ -1,4 +1,5 @@
-"""Losses as pure functions of logits and labels, and of per-sequence log-probabilities."""
+"""Losses as pure functions: of the label tokens' log-probabilities (``LabelLogps``, which the
+head gives, see ``head.py``), and of per-sequence log-probabilities."""
 
 from __future__ import annotations
 
@@ -12,46 +13,104 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+@dataclass
+class LabelLogps:
+    """What the objectives need from the head, one value per label token.
+
+    ``logits[:, t]`` predicts ``labels[:, t + 1]`` (the Hugging Face convention); the label
+    tokens are the positions of ``mask`` (``labels[:, 1:] != -100``), in row-major order.
+
+    Attributes:
+        logp: Log-probability of each label token (float32, differentiable), shape ``(N,)``.
+        mean_logp: Mean log-probability over the vocabulary at each label position (what
+            label smoothing needs), or None when not computed.
+        correct: Whether the argmax is the label, ``(N,)``.
+        mask: ``(B, T - 1)``: which next-token positions are labels.
+    """
+
+    logp: torch.Tensor
+    mean_logp: torch.Tensor | None
+    correct: torch.Tensor
+    mask: torch.Tensor
+
+    def at_labels(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-position tensor ``(B, T)`` (weights, segment ids) at the label tokens."""
+        return values[:, 1:][self.mask.to(values.device)]
+
+    def nll(self, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Per-token cross-entropy, with label smoothing as ``F.cross_entropy`` defines it."""
+        if not label_smoothing:
+            return -self.logp
+        if self.mean_logp is None:
+            raise ValueError("label smoothing needs the mean log-probabilities: smoothing=True")
+        return -(1 - label_smoothing) * self.logp - label_smoothing * self.mean_logp
+
+    def sums_by(self, index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability sums and label counts per group, for a group index per token."""
+        sums = self.logp.new_zeros(size).index_add(0, index, self.logp)
+        counts = torch.zeros(size, dtype=torch.long, device=index.device)
+        return sums, counts.index_add(0, index, torch.ones_like(index))
+
+    def sequence_sums(
+        self, batch: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability sums and label counts per sequence: per row of the batch, or per
+        packed sequence when ``batch`` numbers them (``sequence_ids``, ``sequence_count``)."""
+        if batch is not None and "sequence_ids" in batch:
+            index = self.at_labels(batch["sequence_ids"]).to(self.logp.device)
+            return self.sums_by(index, int(batch["sequence_count"]))
+        rows = self.mask.nonzero()[:, 0].to(self.logp.device)
+        return self.sums_by(rows, self.mask.shape[0])
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label mask over next-token positions and the label tokens it selects."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return mask, targets[mask]
+
+
+def label_logps_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, smoothing: bool = False
+) -> LabelLogps:
+    """``LabelLogps`` from full logits ``(B, T, V)``, reduced in float32."""
+    mask, targets = next_token_targets(labels)
+    logprobs = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)
+    logp = logprobs.gather(1, targets[:, None]).squeeze(1)
+    mean = logprobs.mean(-1) if smoothing else None
+    return LabelLogps(logp, mean, logprobs.argmax(-1) == targets, mask)
+
+
+def token_sums(
+    lp: LabelLogps, label_smoothing: float = 0.0, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy over the label tokens, their number, and the number predicted
+    right (argmax), so the caller can take the mean over every token of an optimizer step
+    rather than a mean of means. With ``weights`` (shaped like the labels), each token counts
+    its weight in all three: ``sum(w * ce)``, ``sum(w)`` and ``sum(w * right)``."""
+    losses = lp.nll(label_smoothing)
+    if weights is None:
+        return losses.sum(), lp.mask.sum(), lp.correct.sum()
+    w = lp.at_labels(weights).float()
+    return (losses * w).sum(), w.sum(), (lp.correct.float() * w).sum()
+
+
 def token_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
     label_smoothing: float = 0.0,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed over the label tokens (labels != -100).
-
-    ``logits[:, t]`` predicts ``labels[:, t + 1]``, the Hugging Face convention. Returns the
-    summed loss, the number of label tokens and the number predicted right (argmax), so the
-    caller can take the mean over every token of an optimizer step rather than a mean of means.
-    With ``weights`` (shaped like ``labels``), each token counts its weight in all three:
-    ``sum(w * ce)``, ``sum(w)`` and ``sum(w * right)``, whose ratio is the weighted mean.
-    """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    picked = logits[:, :-1][mask].float()
-    targets = targets[mask]
-    if weights is None:
-        loss_sum = F.cross_entropy(
-            picked, targets, reduction="sum", label_smoothing=label_smoothing
-        )
-        correct = (picked.argmax(dim=-1) == targets).sum()
-        return loss_sum, mask.sum(), correct
-    w = weights[:, 1:][mask].float()
-    losses = F.cross_entropy(picked, targets, reduction="none", label_smoothing=label_smoothing)
-    right = (picked.argmax(dim=-1) == targets).float()
-    return (losses * w).sum(), w.sum(), (right * w).sum()
+    """``token_sums`` from full logits (``B, T, V``)."""
+    return token_sums(
+        label_logps_from_logits(logits, labels, bool(label_smoothing)), label_smoothing, weights
+    )
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sum of the label tokens' log-probabilities, and their count.
-
-    Same shift and mask as ``token_cross_entropy``, so policy and reference agree.
-    """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = torch.gather(logprobs, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1), mask.sum(-1)
+    """Per-sequence sum of the label tokens' log-probabilities, and their count, from full
+    logits; the same shift and mask as ``token_cross_entropy``, so policy and reference agree."""
+    return label_logps_from_logits(logits, labels).sequence_sums()
 
 
 # ---------------------------------------------------------------- preference losses

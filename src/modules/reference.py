@@ -27,8 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from src.compat import attached_strategy, attached_trainer
 from src.errors import ConfigError
-from src.modules.base import CausalLMModule, logits_of
-from src.modules.losses import sequence_logps
+from src.modules.base import CausalLMModule
 from src.strategies import (
     is_fsdp,
     is_fsdp2,
@@ -40,7 +39,8 @@ from src.strategies import (
 )
 
 Mode = Literal["separate", "adapters_off", "initial_policy", "frozen_copy"]
-Scores = dict[str, torch.Tensor]  # column name -> one value per row of a batch
+# column name -> one value per row of a batch (a tensor), or a tensor of values per row
+Scores = dict[str, torch.Tensor | list[torch.Tensor]]
 
 
 def choose_mode(name_or_path: str | None, lora: bool, precompute: bool, fsdp: bool) -> Mode:
@@ -141,7 +141,7 @@ class Reference:
     def logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-sequence sums of the label tokens' log-probabilities under the reference."""
         with self.scoring() as model:
-            return sequence_logps(logits_of(model, inputs), inputs["labels"])[0]
+            return self._bound().label_logps(inputs, model=model).sequence_sums(inputs)[0]
 
     def digest(self) -> str:
         """A fingerprint of the scoring weights: keys the precomputed scores in the cache."""

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from src.modules.base import CausalLMModule, LossTerms
-from src.modules.losses import token_cross_entropy
+from src.modules.losses import token_sums
 
 
 class SFTModule(CausalLMModule):
@@ -26,7 +26,6 @@ class SFTModule(CausalLMModule):
         self.label_smoothing = label_smoothing
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
-        loss_sum, count, correct = token_cross_entropy(
-            self(batch), batch["labels"], self.label_smoothing, self.loss_weights(batch)
-        )
+        lp = self.label_logps(batch, smoothing=self.label_smoothing > 0)
+        loss_sum, count, correct = token_sums(lp, self.label_smoothing, self.loss_weights(batch))
         return LossTerms(loss_sum, count, {"token_accuracy": correct})
