@@ -13,7 +13,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train preview check-template test test-fast lint format tensorboard data assets bench-data bench-train bench-dpo clean
+.PHONY: help install lock train preview check-template test test-fast lint format tensorboard data assets bench-data bench-train bench-dpo bench-memory clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -75,6 +75,9 @@ bench-train: $(STAMP) ## SFT tokens/s against TRL's SFTTrainer and a bare loop (
 
 bench-dpo: $(STAMP) ## LoRA DPO pairs/s against TRL's DPOTrainer, DPO/SFT memory (bench/dpo.py)
 	$(BIN)/python bench/dpo.py $(ARGS)
+
+bench-memory: $(STAMP) ## LM head memory and time, full logits vs lean; packed DPO (bench/memory.py)
+	$(BIN)/python bench/memory.py $(ARGS)
 
 clean: ## Remove runs, caches (prepared data included) and the virtual environment
 	rm -rf runs .cache .pytest_cache .ruff_cache $(VENV)

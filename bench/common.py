@@ -140,6 +140,24 @@ def adamw(lr: float) -> Callable[..., Any]:
     return make
 
 
+# ------------------------------------------------------------------------------ memory
+def status_kib(field: str) -> int:
+    """A field of ``/proc/self/status`` in KiB (``VmRSS``: resident now, ``VmHWM``: its peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> bool:
+    """Reset the peak resident set (VmHWM) to the current one (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------------------ timing
 @dataclass
 class StepLog:

@@ -55,10 +55,12 @@ from common import (  # noqa: E402
     n_params,
     quiet,
     rate_table,
+    reset_peak,
     run_lightning_fit,
     run_repeats,
     set_threads,
     spread,
+    status_kib,
     verdict,
     versions,
     weights_checksum,
@@ -242,22 +244,6 @@ def pair_token_check(dm: Any, prepared: Any) -> str:
 
 
 # ------------------------------------------------------------------------------ memory
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset the peak resident set (VmHWM) to the current one (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 class SFTOnPairs:
     """Our preference batch as an SFT batch: the chosen then the rejected rows."""
 
@@ -311,14 +297,14 @@ def memory_child(opts: argparse.Namespace) -> None:
             trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             return batch["input_ids"].shape[0] // 2, trained, batch["input_ids"].numel()
 
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     torch.manual_seed(opts.seed)
     module.configure_model()
-    built = _status_kib("VmRSS")
-    reset = _reset_peak()
+    built = status_kib("VmRSS")
+    reset = reset_peak()
     log = StepLog()  # the same shuffle seed in both children: the same batches
     run_lightning_fit(module, fit_kwargs, opts.steps, log, count, opts.seed + 1)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     total = n_params(module.model)
     trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     print(

@@ -13,7 +13,8 @@ device's dense bf16 peak):
     python bench/gpu.py --smoke                         # a tiny model on the CPU (tests)
 
 Grid: attention sdpa, flex_attention and (if installed) flash_attention_2; with and without
-per-layer activation checkpointing and ``torch.compile``; Liger kernels if installed.
+per-layer activation checkpointing and ``torch.compile``; Liger kernels if installed; the lean
+and the full LM head (``--lm-head``; peak memory shows what the lean head saves).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def run_one(setting: dict) -> dict:
         "gradient_checkpointing": setting["checkpointing"],
         "compile": setting["compile"],
         "liger_kernels": setting["liger"],
+        "lm_head": setting["lm_head"],
         "scheduler": "constant",
     }
     module = DPOModule(**kwargs) if dpo else SFTModule(**kwargs)
@@ -160,8 +162,8 @@ def grid(args: argparse.Namespace) -> list[dict]:
     attns = [a for a in args.attn if a != "flash_attention_2" or _installed("flash_attn")]
     livers = [False, True] if _installed("liger_kernel") and not args.no_liger else [False]
     settings = []
-    for objective, attn, ckpt, comp, liger in itertools.product(
-        args.objective, attns, args.checkpointing, args.compile, livers
+    for objective, attn, ckpt, comp, liger, head in itertools.product(
+        args.objective, attns, args.checkpointing, args.compile, livers, args.lm_head
     ):
         settings.append(
             {
@@ -170,6 +172,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 "checkpointing": bool(ckpt),
                 "compile": bool(comp),
                 "liger": liger,
+                "lm_head": head,
                 "seq_len": args.seq_len if objective == "sft" else args.seq_len // 2,
                 "batch": args.batch,
                 "steps": args.steps,
@@ -193,6 +196,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--compile", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--no-liger", action="store_true")
+    parser.add_argument("--lm-head", nargs="+", default=["lean", "full"], choices=["lean", "full"])
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
@@ -232,6 +236,7 @@ def _row(r: dict) -> str:
     what = (
         f"| {r['objective']} | {r['attn']} | {'yes' if r['checkpointing'] else 'no'} | "
         f"{'yes' if r['compile'] else 'no'} | {'yes' if r['liger'] else 'no'} | "
+        f"{r['lm_head']} | "
     )
     if "error" in r:
         return what + f"failed: {r['error']} | | |"
@@ -246,8 +251,8 @@ def _table(results: list[dict]) -> str:
         f"device: {device}; seq {results[0]['seq_len'] if results else '?'} (DPO: per side), "
         f"batch {results[0]['batch'] if results else '?'}, "
         f"{'fp32 (smoke run)' if results and results[0]['smoke'] else 'bf16-true'}\n\n"
-        "| objective | attention | layer checkpointing | compile | liger | tokens/s | MFU "
-        "| peak GiB |\n|---|---|---|---|---|---|---|---|"
+        "| objective | attention | layer checkpointing | compile | liger | LM head | tokens/s "
+        "| MFU | peak GiB |\n|---|---|---|---|---|---|---|---|---|"
     )
     return "\n".join([head, *(_row(r) for r in results)])
 

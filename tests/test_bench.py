@@ -110,6 +110,20 @@ def test_dpo_bench_smoke(tmp_path):
     assert memory["ratio_peak"] > 0
 
 
+def test_memory_bench_smoke(tmp_path):
+    stdout, results = run_bench("memory.py", "--smoke", tmp_path=tmp_path)
+    cells = r" \| [\d.]+ \| [\d.]+ \| [\d.]+x"  # full, lean, lean/full
+    row = rf"\| smoke \| (sft|dpo) \| 64{cells}{cells} \| True \|"
+    assert sorted(re.findall(row, stdout)) == ["dpo", "sft"], stdout
+    for head in results["head"]:  # each path in its own process, the same loss
+        assert head["same_loss"] and head["loss"]["full"] > 0
+    assert re.search(rf"^lean/full step peak at 64 tokens, worst: .*: {VERDICT}$", stdout, re.M)
+    assert "lean and full losses equal (1e-5 relative) in every row: True" in stdout
+    packed = results["packed"]["efficiency"]
+    assert packed["packed"] > packed["padded"]  # the same pairs, fewer pad positions
+    assert re.search(rf"^packed/padded pairs/s: {RATIO}; target >= 1.3x: {VERDICT}$", stdout, re.M)
+
+
 def test_data_bench_on_a_users_alpaca_file(tmp_path):
     rows = [
         {

@@ -25,7 +25,9 @@ def test_gpu_benchmark_smoke_run_fills_its_table():
             "0",
             "--checkpointing",
             "0",
-            "1",
+            "--lm-head",
+            "lean",
+            "full",
         ],
         capture_output=True,
         text=True,
@@ -35,7 +37,8 @@ def test_gpu_benchmark_smoke_run_fills_its_table():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if re.match(r"\| (sft|dpo) \|", line)]
     table = rows[len(rows) // 2 :]  # printed as they finish, then again as the table
-    assert len(table) == 4  # sft and dpo, with and without layer checkpointing
+    assert len(table) == 4  # sft and dpo, with the lean and the full head
     for row in table:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert "failed" not in row and float(cells[5].replace(",", "")) > 0, row
+        assert "failed" not in row and float(cells[6].replace(",", "")) > 0, row
+    assert sorted(row.split("|")[6].strip() for row in table) == ["full", "full", "lean", "lean"]

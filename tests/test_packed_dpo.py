@@ -157,17 +157,37 @@ def grads_of(module, batch):
 
 
 @pytest.mark.parametrize(
-    ("loss_type", "lm_head"),
-    [("sigmoid", "lean"), ("sigmoid", "full"), ("ipo", "lean"), ("simpo", "lean")],
+    ("loss_type", "lm_head", "attn"),
+    [
+        ("sigmoid", "lean", "sdpa"),
+        ("sigmoid", "full", "sdpa"),
+        ("ipo", "lean", "sdpa"),
+        ("simpo", "lean", "sdpa"),
+        ("sigmoid", "lean", "sdpa_varlen"),  # padded rows: plain sdpa; packed: per sequence
+    ],
 )
-def test_packed_dpo_loss_and_gradients_equal_padded(micro_model_dir, batches, loss_type, lm_head):
+def test_packed_dpo_loss_and_gradients_equal_padded(
+    micro_model_dir, batches, loss_type, lm_head, attn
+):
     padded, packed, _ = batches
-    module = dpo(micro_model_dir, loss_type=loss_type, lm_head=lm_head)
+    module = dpo(micro_model_dir, loss_type=loss_type, lm_head=lm_head, attn_implementation=attn)
     module.train()  # training: the pairs' loss weights count
     with torch.no_grad():  # the policy off its reference
         for p in module.model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    by_padding, by_packing = grads_of(module, padded), grads_of(module, packed)
+    from src.modules import varlen_attention
+
+    split = []  # the packed batch's rows, split per sequence in every layer under sdpa_varlen
+    segments = varlen_attention.packed_segments
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(varlen_attention, "packed_segments", _recorded(segments, split))
+        by_padding, by_packing = grads_of(module, padded), grads_of(module, packed)
+    half = len(split) // 2  # each layer of the policy and of its reference, per batch
+    if attn == "sdpa_varlen":  # padded: not split (plain sdpa); packed: split in each layer
+        assert half == 2 * module.model.config.num_hidden_layers
+        assert split[:half] == [None] * half and all(split[half:]), split
+    else:
+        assert split == []
     weights = [1.0 + 0.25 * (i % 3) if i % 2 else 1.0 for i in range(len(PAIRS))]
     assert by_padding[0].count.item() == pytest.approx(sum(weights))
     assert_same(by_padding, by_packing)
@@ -192,3 +212,23 @@ def test_packed_reference_log_probs_precomputed_on_the_packed_rows(tmp_path, mic
     torch.testing.assert_close(module.reference_logps(batch), live, rtol=0, atol=1e-5)
     terms = module.loss_terms(batch)
     assert (terms.loss_sum / terms.count).item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+def _recorded(fn, calls):
+    def wrapped(*args):
+        calls.append(fn(*args))
+        return calls[-1]
+
+    return wrapped
+
+
+def test_varlen_attention_splits_packed_rows_only():
+    from src.modules.varlen_attention import packed_segments
+
+    packed = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert packed_segments(packed, 6, 6) == [[0, 3, 5, 6], [0, 6]]
+    assert packed_segments(torch.arange(6)[None].repeat(2, 1), 6, 6) is None  # one each
+    left_padded = torch.tensor([[1, 1, 0, 1, 2, 3]])  # generate()'s positions of a prompt
+    assert packed_segments(left_padded, 6, 6) is None
+    assert packed_segments(packed, 6, 9) is None  # a key cache: not a packed batch
+    assert packed_segments(None, 6, 6) is None

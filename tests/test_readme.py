@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ASSETS, ROOT
 
 README = ROOT / "README.md"
 TEXT = README.read_text(encoding="utf-8")
@@ -408,3 +408,32 @@ def test_readme_command_runs_on_the_sft_checkpoint(text, sft_run, monkeypatch):
     if text.startswith("predict"):
         (predictions,) = (tmp / "runs" / "sft").glob("version_*/predictions.jsonl")
         assert predictions.read_text(encoding="utf-8").count("\n") > 0
+
+
+def test_readme_custom_objective_computes_the_focal_loss(readme_objectives, micro_model_dir):
+    """The README's ``FocalSFT`` from the lean head equals the focal loss by hand from the
+    full logits, and with ``gamma`` 0 the SFT loss."""
+    import torch
+    from my_objectives import FocalSFT
+
+    torch.manual_seed(0)
+    module = FocalSFT(
+        model_name_or_path=str(micro_model_dir), from_scratch=True, tokenizer=str(ASSETS)
+    )
+    module.configure_model()
+    ids = torch.randint(3, 200, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    terms = module.loss_terms(batch)
+    with torch.no_grad():
+        logits = module(batch)[:, :-1]
+    mask = labels[:, 1:] != -100
+    logp = torch.log_softmax(logits[mask], -1).gather(1, labels[:, 1:][mask][:, None])[:, 0]
+    expected = (-((1 - logp.exp()) ** 2) * logp).sum()
+    assert terms.count.item() == mask.sum().item() == 16
+    torch.testing.assert_close(terms.loss_sum.detach(), expected, rtol=1e-5, atol=0)
+    module.gamma = 0.0
+    torch.testing.assert_close(
+        module.loss_terms(batch).loss_sum.detach(), -logp.sum(), rtol=1e-5, atol=0
+    )

@@ -99,6 +99,13 @@ def test_preference_pairs_count_as_one_sample_and_both_sides():
     assert (callback._real, callback._samples, callback._slots) == (51, 3, 60)
     callback._count({"input_ids": ids})  # another collator's batch: every slot counts
     assert (callback._real, callback._samples, callback._slots) == (81, 6, 90)
+    # packed pairs: a row of two pairs (4 + 3 and 2 + 2 tokens) and a row of one (5 + 5)
+    packed = [
+        {"input_ids": [3] * 11, "labels": [3] * 11, "seq_lengths": [4, 3, 2, 2]},
+        {"input_ids": [4] * 10, "labels": [4] * 10, "seq_lengths": [5, 5]},
+    ]
+    callback._count(PreferenceCollator(pad_token_id=0)(packed))  # 2 rows 11 wide
+    assert (callback._real, callback._samples, callback._slots) == (102, 9, 112)
 
 
 class FakeClock(pl.Callback):

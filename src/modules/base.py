@@ -48,6 +48,7 @@ from src.datamodules.tokenizer import TokenizerKey, load_tokenizer
 from src.errors import ConfigError, PathNotFoundError, hub_not_found
 from src.generation import generate
 from src.local_paths import check_local_path
+from src.modules import varlen_attention
 from src.modules.adapters import LoraSettings, add_adapters, quantization_kwargs
 from src.modules.head import DEFAULT_CHUNK_SIZE, HeadPath, label_logps, logits_of
 from src.modules.losses import LabelLogps
@@ -87,7 +88,8 @@ class CausalLMModule(pl.LightningModule):
         max_length: Longest row in tokens (linked from ``data.max_length``).
         torch_dtype: Weight dtype; ``auto`` keeps the checkpoint's. Use a ``*-true``
             trainer precision or mixed precision to match.
-        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2`` or ``flex_attention``.
+        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2``, ``flex_attention``,
+            or ``sdpa_varlen`` (sdpa within each packed sequence: packed rows on a CPU).
         gradient_checkpointing: Recompute activations in backward to save memory.
         trust_remote_code: Allow model code shipped with a hub checkpoint to run.
         optimizer: Optimizer class and arguments (``class_path`` + ``init_args``); biases
@@ -218,6 +220,8 @@ class CausalLMModule(pl.LightningModule):
             self.__dict__["_hf_deepspeed_config"] = HfDeepSpeedConfig(strategy.config)
         dtype = "auto" if self.torch_dtype == "auto" else getattr(torch, self.torch_dtype)
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": self.trust_remote_code}
+        if self.attn_implementation == varlen_attention.NAME:
+            varlen_attention.register()
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         keys: dict[str, str] = {}  # which setting named it, for a message

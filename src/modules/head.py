@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from src.modules.losses import LabelLogps, label_logps_from_logits, next_token_targets
 
 HeadPath = Literal["lean", "full"]
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 512  # 512 x 151,936 float32 logits: 311 MB a chunk
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -46,20 +46,23 @@ class LogitTransform:
     scale: float = 1.0
     cap: float | None = None
 
-    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, y: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``z`` of ``y``; ``inplace`` overwrites ``y`` (a buffer outside autograd)."""
         if self.scale != 1.0:
-            y = y * self.scale
+            y = y.mul_(self.scale) if inplace else y * self.scale
         if self.cap is not None:
-            y = torch.tanh(y / self.cap) * self.cap
+            y = (
+                y.div_(self.cap).tanh_().mul_(self.cap)
+                if inplace
+                else torch.tanh(y / self.cap) * self.cap
+            )
         return y
 
-    def grad(self, dz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The gradient with respect to the head's output, given it for ``z``."""
-        if self.cap is not None:
-            dz = dz * (1 - (z / self.cap) ** 2)
-        if self.scale != 1.0:
-            dz = dz * self.scale
-        return dz
+    def grad_factor(self, z: torch.Tensor) -> torch.Tensor | float:
+        """``dz/dy`` elementwise at ``z`` (a number where it is one everywhere alike)."""
+        if self.cap is None:
+            return self.scale
+        return (1 - (z / self.cap) ** 2).mul_(self.scale)
 
 
 def label_logps(
@@ -197,12 +200,13 @@ class ChunkedHead(torch.autograd.Function):
         with _no_autocast(hidden):
             for start in range(0, n, chunk_size):
                 rows = slice(start, start + chunk_size)
-                z = transform(_logits(hidden[rows], w, bias, dtype))
-                lse[rows] = torch.logsumexp(z, dim=-1)
-                out[rows, 0] = z.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+                z = transform(_logits(hidden[rows], w, bias, dtype), inplace=True)
+                out[rows, 0] = z.gather(1, targets[rows, None]).squeeze(1)
                 if smoothing:
-                    out[rows, 1] = z.mean(-1) - lse[rows]
+                    out[rows, 1] = z.mean(-1)
                 correct[rows] = z.argmax(-1) == targets[rows]
+                lse[rows] = _logsumexp_(z)  # z is spent: one chunk of logits at a time
+                out[rows] -= lse[rows, None]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.smoothing, ctx.transform, ctx.dtype = (
             chunk_size,
@@ -230,14 +234,17 @@ class ChunkedHead(torch.autograd.Function):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
                 h = hidden[rows]
-                z = transform(_logits(h, w, bias, dtype))
+                z = transform(_logits(h, w, bias, dtype), inplace=True)
+                factor = transform.grad_factor(z)
                 a, b = grad_out[rows, :1].float(), grad_out[rows, 1:].float()
-                # d(logp_t)/dz = onehot - p; d(mean logp)/dz = 1/V - p
-                dz = torch.exp(z - lse[rows, None]).mul_(-(a + b))
+                # d(logp_t)/dz = onehot - p; d(mean logp)/dz = 1/V - p; p in z's buffer
+                dz = z.sub_(lse[rows, None]).exp_().mul_(-(a + b))
                 dz.scatter_add_(1, targets[rows, None], a)
                 if ctx.smoothing:
                     dz.add_(b / vocab)
-                dz = transform.grad(dz, z).to(dtype)
+                if not isinstance(factor, float) or factor != 1.0:
+                    dz.mul_(factor)
+                dz = dz.to(dtype)
                 if need_h:
                     d_hidden[rows] = (dz @ w).to(hidden.dtype)
                 if need_w and dtype == torch.float32:
@@ -264,6 +271,12 @@ def _logits(
     if bias is not None:
         y = y + bias.to(dtype)
     return y.float()
+
+
+def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(z, -1)``, computed in ``z``'s own buffer (overwritten)."""
+    top = z.amax(-1, keepdim=True)
+    return z.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(1))
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
