@@ -15,10 +15,10 @@ import torch
 from src.datamodules import PreferenceDataModule
 from src.datamodules.packing import pack_pairs
 from src.datamodules.records import DataError
-from src.modules import DPOModule
 from src.modules.dpo import _concatenated
 from tests.conftest import ASSETS, write_jsonl
 from tests.test_head import assert_same
+from tests.test_preference_losses import dpo_module
 
 PAIRS = [
     {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "It is Rome, I think."},
@@ -139,15 +139,6 @@ def test_packed_rows_hold_the_same_sequences_with_restarting_positions(batches):
     assert efficiency > padded["real_tokens"] / padded["token_slots"]
 
 
-def dpo(model_dir, **kwargs) -> DPOModule:
-    torch.manual_seed(0)
-    module = DPOModule(
-        model_name_or_path=str(model_dir), from_scratch=True, tokenizer=str(ASSETS), **kwargs
-    )
-    module.configure_model()
-    return module
-
-
 def grads_of(module, batch):
     module.zero_grad(set_to_none=True)
     terms = module.loss_terms(batch)
@@ -170,7 +161,9 @@ def test_packed_dpo_loss_and_gradients_equal_padded(
     micro_model_dir, batches, loss_type, lm_head, attn
 ):
     padded, packed, _ = batches
-    module = dpo(micro_model_dir, loss_type=loss_type, lm_head=lm_head, attn_implementation=attn)
+    module = dpo_module(
+        micro_model_dir, loss_type=loss_type, lm_head=lm_head, attn_implementation=attn
+    )
     module.train()  # training: the pairs' loss weights count
     with torch.no_grad():  # the policy off its reference
         for p in module.model.parameters():
@@ -200,7 +193,7 @@ def test_packed_reference_log_probs_precomputed_on_the_packed_rows(tmp_path, mic
         batch_size=2, packing=True, pack_length=128, cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
     dm.setup("fit")
-    module = dpo(micro_model_dir, precompute_ref_logps=True)
+    module = dpo_module(micro_model_dir, precompute_ref_logps=True)
     rows = [dm.datasets["train"][i] for i in range(len(dm.datasets["train"]))]
     live = module.reference_logps(dm.collator()(rows))
     module.precompute_reference(dm)
