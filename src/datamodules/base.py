@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from src.compat import prefetched_batches
 from src.datamodules import cache
+from src.datamodules.cache import Score, add_scored_columns
 from src.datamodules.chat import ChatEncoder, TrainOn
 from src.datamodules.collate import Collator
 from src.datamodules.filters import Filters, example_hash, scrub
@@ -106,6 +107,8 @@ class BaseDataModule(pl.LightningDataModule):
         pad_to_multiple_of: Round padded lengths up to a multiple of this.
         trust_remote_code: Allow code shipped with a hub tokenizer to run.
     """
+
+    score_unit = "examples"  # what a row of precomputed scores is, for messages
 
     def __init__(
         self,
@@ -223,6 +226,27 @@ class BaseDataModule(pl.LightningDataModule):
 
     def collator(self) -> Any:
         return Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    def add_scores(self, columns: tuple[str, ...], score: Score | None, key: str) -> None:
+        """Columns of per-example scores (reference log-probs) on every split, computed by
+        ``score`` on collated batches, or loaded from the data cache under ``key`` when a
+        run with the same data and scorer stored them. ``score=None``: the cache only
+        (``LookupError`` when they are not there)."""
+        store = self.cache_path / key if self.cache_path else None
+        if any(not hasattr(data, "column_names") for data in self.datasets.values()):
+            raise DataError(
+                "precomputed scores need prepared data: set data.init_args.streaming false"
+            )
+        self.datasets = add_scored_columns(
+            self.datasets,
+            columns,
+            score,
+            store,
+            self.collator(),
+            self.val_batch_size,
+            label="reference log-probs",
+            unit=self.score_unit,
+        )
 
     # ----------------------------------------------------------- preparation
     def prepare_data(self) -> None:

@@ -19,6 +19,7 @@ preference rows given to SFT) are refused with what to do instead.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -298,7 +299,15 @@ def to_preference(record: Record, fmt: str = "auto") -> Example:
                 f"{where}: the {name} response must start with an assistant message, "
                 f"found {answer[0]['role']!r}"
             )
+    if row.get("margin") is not None:  # a reward model's required score gap (Llama 2)
+        pair["margin"] = _margin(row["margin"], where)
     return with_tools(pair, row, where)
+
+
+def _margin(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: 'margin' must be a finite number, found {value!r}")
+    return float(value)
 
 
 def _after(prompt: list[Message], side: list[Message]) -> list[Message]:

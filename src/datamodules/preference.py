@@ -6,7 +6,6 @@ from functools import cached_property
 from typing import Any
 
 from src.datamodules.base import BaseDataModule, Columns, Example
-from src.datamodules.cache import Score, add_scored_columns
 from src.datamodules.chat import (
     IGNORE_INDEX,
     ChatEncoder,
@@ -47,6 +46,8 @@ class PreferenceDataModule(BaseDataModule):
         pack_length: Tokens per packed row (default ``2 * max_length``, which any pair fits).
         **kwargs: See ``BaseDataModule``.
     """
+
+    score_unit = "pairs"
 
     def __init__(
         self,
@@ -173,27 +174,6 @@ class PreferenceDataModule(BaseDataModule):
         return prompt, {
             side: (ids[:room], labels[:room]) for side, (ids, labels) in responses.items()
         }
-
-    def add_scores(self, columns: tuple[str, ...], score: Score | None, key: str) -> None:
-        """Columns of per-pair scores (reference log-probs) on every split, computed by
-        ``score`` on collated batches, or loaded from the data cache under ``key`` when a
-        run with the same data and scorer stored them. ``score=None``: the cache only
-        (``LookupError`` when they are not there)."""
-        store = self.cache_path / key if self.cache_path else None
-        if any(not hasattr(data, "column_names") for data in self.datasets.values()):
-            raise DataError(
-                "precomputed scores need prepared data: set data.init_args.streaming false"
-            )
-        self.datasets = add_scored_columns(
-            self.datasets,
-            columns,
-            score,
-            store,
-            self.collator(),
-            self.val_batch_size,
-            label="reference log-probs",
-            unit="pairs",
-        )
 
     def collator(self) -> PreferenceCollator:
         return PreferenceCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)

@@ -67,13 +67,21 @@ from src.strategies import (
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+COUNT_SUFFIX = "#count"  # a metric's own count among the accumulated sums
+
+
 @dataclass
 class LossTerms:
-    """A micro-batch's summed loss over ``count`` units, and further sums to average alike."""
+    """A micro-batch's summed loss over ``count`` units, and further sums to average alike.
+
+    A metric of ``sums`` is averaged over ``count`` unless ``counts`` gives it its own (KTO's
+    desirable rows for ``rewards/chosen``); either way over the whole step or evaluation.
+    """
 
     loss_sum: torch.Tensor
     count: torch.Tensor
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class CausalLMModule(pl.LightningModule):
@@ -453,7 +461,13 @@ class CausalLMModule(pl.LightningModule):
     def _log_means(
         self, stage: str, totals: dict[str, torch.Tensor], count: torch.Tensor, on_step: bool
     ) -> dict[str, float]:
-        means = {k: (v / count.clamp(min=1)).item() for k, v in totals.items()}
+        counts = {k: totals.pop(k) for k in [k for k in totals if k.endswith(COUNT_SUFFIX)]}
+        means = {}
+        for key, value in totals.items():
+            n = counts.get(key + COUNT_SUFFIX)
+            if n is not None and n <= 0:
+                continue  # no unit of its kind in the step (no desirable row): nothing to log
+            means[key] = (value / (count if n is None else n).clamp(min=1)).item()
         for key, value in means.items():
             self.log(
                 f"{stage}/{key}",
@@ -494,7 +508,9 @@ class CausalLMModule(pl.LightningModule):
 
 
 def _accumulate(store: dict[str, torch.Tensor], terms: LossTerms) -> None:
-    for key, value in {"loss": terms.loss_sum, "count": terms.count, **terms.sums}.items():
+    own_counts = {key + COUNT_SUFFIX: n for key, n in terms.counts.items()}
+    values = {"loss": terms.loss_sum, "count": terms.count, **terms.sums, **own_counts}
+    for key, value in values.items():
         value = value.detach().float().clone()  # never an alias of the objective's tensors
         store[key] = store[key] + value if key in store else value
 
