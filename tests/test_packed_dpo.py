@@ -15,7 +15,7 @@ import torch
 from src.datamodules import PreferenceDataModule
 from src.datamodules.packing import pack_pairs
 from src.datamodules.records import DataError
-from src.modules.dpo import _concatenated
+from src.modules.pairs import pair_inputs
 from tests.conftest import ASSETS, write_jsonl
 from tests.test_head import assert_same
 from tests.test_preference_losses import dpo_module
@@ -66,7 +66,7 @@ def batches(pair_file) -> tuple[dict, dict, PreferenceDataModule]:
 def sequences(batch, row_lengths=None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Each pair's (chosen tokens, rejected tokens) of a padded batch, or of a packed one
     whose rows hold ``row_lengths`` real tokens, in the batch's pair order."""
-    inputs = _concatenated(batch)
+    inputs = pair_inputs(batch)
     if "sequence_ids" not in inputs:
         out = [tuple(r[m.bool()].tolist()) for r, m in zip(
             inputs["input_ids"], _concat_masks(batch), strict=True)]  # fmt: skip

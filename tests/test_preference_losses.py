@@ -19,7 +19,7 @@ import torch
 
 from src.datamodules import PreferenceDataModule
 from src.modules import DPOModule, LoraSettings, losses
-from src.modules.dpo import _concatenated
+from src.modules.pairs import pair_inputs
 from tests.conftest import ASSETS, write_jsonl
 
 LN2 = math.log(2)
@@ -376,7 +376,7 @@ def dpo_module(model_dir, **kwargs) -> DPOModule:
 
 
 def policy_logps(module: DPOModule, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = _concatenated(batch)
+    inputs = pair_inputs(batch)
     with torch.no_grad():  # the module's own head path, as its reference takes
         return module.label_logps(inputs).sequence_sums()
 
@@ -390,7 +390,7 @@ def sgd_step(module: DPOModule, batch, lr: float = 0.5) -> None:
 
 
 def test_batch_responses_have_different_lengths(batch):
-    counts = (_concatenated(batch)["labels"][:, 1:] != -100).sum(-1)
+    counts = (pair_inputs(batch)["labels"][:, 1:] != -100).sum(-1)
     assert len(set(counts.tolist())) > 2  # so per-token means differ from sums
 
 
@@ -471,7 +471,7 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(micro_model_dir
     module = dpo_module(micro_model_dir, loss_type="sigmoid", lora=lora)
     assert module.reference.mode == "adapters_off" and module.reference.model is None
     base = copy.deepcopy(module.model).unload()  # the base model, adapters removed by peft
-    inputs = _concatenated(batch)
+    inputs = pair_inputs(batch)
 
     def base_logps() -> torch.Tensor:
         with torch.no_grad():

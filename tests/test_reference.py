@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from src.errors import ConfigError
 from src.modules import DPOModule, LoraSettings, losses
-from src.modules.dpo import _concatenated
+from src.modules.pairs import pair_inputs
 from src.modules.reference import Reference, choose_mode
 from tests.test_preference_losses import batch, dpo_module  # noqa: F401  (batch: a fixture)
 
@@ -37,7 +37,7 @@ def test_a_separate_reference_scores_with_that_model(tmp_path, micro_model_dir, 
     other.save_pretrained(tmp_path / "ref")
     module = dpo_module(micro_model_dir, ref_model_name_or_path=str(tmp_path / "ref"))
     assert module.reference.mode == "separate"
-    inputs = _concatenated(batch)
+    inputs = pair_inputs(batch)
     with torch.no_grad():
         expected = losses.sequence_logps(
             other(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits,
@@ -82,7 +82,7 @@ def test_the_initial_policy_scores_only_while_it_holds_the_initial_weights(
 ):
     module = dpo_module(micro_model_dir, precompute_ref_logps=True)
     assert module.reference.mode == "initial_policy" and module.reference.model is None
-    inputs = _concatenated(batch)
+    inputs = pair_inputs(batch)
     policy = module.label_logps(inputs).sequence_sums()[0]  # the same head path
     assert torch.equal(module.reference_logps(batch), policy.detach())
     module._trainer = types.SimpleNamespace(strategy=None)  # a trainer may restore weights

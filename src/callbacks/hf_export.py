@@ -75,7 +75,7 @@ def export(pl_module: pl.LightningModule, out: Path, state: dict | None = None) 
     if lora is not None and lora.merge:
         if state is not None:  # sharded weights: rebuild a whole copy on the CPU to merge
             model = pl_module.load_model(pl_module.model_name_or_path, pl_module.from_scratch)
-            model = add_adapters(model, lora)
+            model = add_adapters(model, lora, pl_module.adapter_task)
             model.load_state_dict(state)
         merged = copy.deepcopy(model).merge_and_unload()  # the trained model stays as is
         merged.save_pretrained(out / "merged", safe_serialization=True)

@@ -70,8 +70,11 @@ def quantization_kwargs(settings: LoraSettings | None) -> dict:
     }
 
 
-def add_adapters(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
-    """The model with trainable adapters (new, or loaded from ``adapter_path``)."""
+def add_adapters(
+    model: PreTrainedModel, settings: LoraSettings, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
+    """The model with trainable adapters (new, or loaded from ``adapter_path``); peft's
+    ``task_type`` ``SEQ_CLS`` keeps a classifier head (``score``) whole and trainable."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if settings.load_in_4bit:
@@ -88,7 +91,7 @@ def add_adapters(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedMo
             use_dora=settings.use_dora,
             use_rslora=settings.use_rslora,
             modules_to_save=settings.modules_to_save or None,
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         )
         model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -118,6 +118,9 @@ class CausalLMModule(pl.LightningModule):
     """
 
     log_perplexity = False
+    auto_model: Any = AutoModelForCausalLM  # what load_model builds
+    adapter_task = "CAUSAL_LM"  # peft's task type for LoRA
+    uses_lm_head = True  # whether the objective reads the LM head (``lm_head`` applies)
 
     def __init__(
         self,
@@ -209,7 +212,7 @@ class CausalLMModule(pl.LightningModule):
         if self.liger_kernels:
             _apply_liger(model)
         if self.lora is not None:
-            model = add_adapters(model, self.lora)
+            model = add_adapters(model, self.lora, self.adapter_task)
         if self.compile:
             model.compile(dynamic=True)  # in place: names and state dict keys unchanged
         return model
@@ -241,13 +244,15 @@ class CausalLMModule(pl.LightningModule):
                 config = AutoConfig.from_pretrained(
                     name_or_path, trust_remote_code=self.trust_remote_code
                 )
+            for key, value in self.config_overrides().items():
+                setattr(config, key, value)
             if dtype == "auto":
                 kwargs["dtype"] = torch.float32
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+            model = self.auto_model.from_config(config, **kwargs)
         else:
-            kwargs |= quantization_kwargs(lora)
+            kwargs |= quantization_kwargs(lora) | self.config_overrides()
             with named_if_missing(name_or_path, "model", keys.get(name_or_path)):
-                model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+                model = self.auto_model.from_pretrained(name_or_path, **kwargs)
         if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(self.tokenizer))
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -256,6 +261,10 @@ class CausalLMModule(pl.LightningModule):
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         return model
+
+    def config_overrides(self) -> dict[str, Any]:
+        """Model config settings the objective needs (a reward model's single output)."""
+        return {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits for a batch; ``use_cache=False`` so packed rows get a block-diagonal mask."""
@@ -306,9 +315,10 @@ class CausalLMModule(pl.LightningModule):
                 "compile); on a CPU use sdpa, which gives packed rows the same masks"
             )
         self._step_sums = {}  # nothing left over from an interrupted fit
-        how = f"label tokens only, {self.lm_head_chunk_size} per chunk"
-        how = how if self.lm_head == "lean" else "logits of every position"
-        rank_zero_info(f"[head] {self.lm_head}: {how}")
+        if self.uses_lm_head:
+            how = f"label tokens only, {self.lm_head_chunk_size} per chunk"
+            how = how if self.lm_head == "lean" else "logits of every position"
+            rank_zero_info(f"[head] {self.lm_head}: {how}")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)

@@ -9,12 +9,12 @@ import torch
 from src.errors import ConfigError
 from src.modules import losses
 from src.modules.base import CausalLMModule, LossTerms
+from src.modules.pairs import pair_inputs
 from src.modules.reference import Reference, Scores
 from src.strategies import call_outside_step
 
 LossType = Literal[tuple(losses.PREFERENCE_LOSSES)]  # the rows of the loss table
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-PACKED_INPUTS = ("input_ids", "labels", "position_ids", "sequence_ids", "sequence_count")
 
 
 class DPOModule(CausalLMModule):
@@ -100,10 +100,10 @@ class DPOModule(CausalLMModule):
         """Summed log-probabilities of chosen then rejected under the reference."""
         if REFERENCE_COLUMNS[0] in batch:
             return torch.cat([batch[key] for key in REFERENCE_COLUMNS])
-        return self.reference.logps(_concatenated(batch))
+        return self.reference.logps(pair_inputs(batch))
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
-        inputs = _concatenated(batch)
+        inputs = pair_inputs(batch)
         logps, counts = self.label_logps(inputs).sequence_sums(inputs)
         counts = counts.clamp(min=1)
         means = logps / counts
@@ -132,13 +132,3 @@ class DPOModule(CausalLMModule):
         sums = {k: (v * w).sum() for k, v in per_pair.items()}
         return LossTerms((pair_loss * w).sum(), w.sum(), sums)
 
-
-def _concatenated(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows as one batch (the collator pads both to one width);
-    packed rows as they are, their sequences numbered chosen then rejected."""
-    if "sequence_ids" in batch:
-        return {key: batch[key] for key in PACKED_INPUTS if key in batch}
-    return {
-        key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
-        for key in ("input_ids", "attention_mask", "labels")
-    }
