@@ -131,4 +131,3 @@ class DPOModule(CausalLMModule):
         }
         sums = {k: (v * w).sum() for k, v in per_pair.items()}
         return LossTerms((pair_loss * w).sum(), w.sum(), sums)
-
