@@ -15,7 +15,7 @@ from transformers import AutoConfig, CohereConfig, Gemma2Config, GraniteConfig, 
 
 from src.errors import ConfigError
 from src.modules import DPOModule, LoraSettings, PretrainModule, SFTModule, head, losses
-from src.modules.dpo import _concatenated
+from src.modules.pairs import pair_inputs
 from tests.conftest import ASSETS
 from tests.test_preference_losses import batch  # noqa: F401  (a fixture: 4 pairs)
 
@@ -120,7 +120,7 @@ def compare(module, inputs):
     full = run(module, "full", inputs)
     lean = run(module, "lean", inputs)
     assert_same(full, lean)
-    labels = _concatenated(inputs)["labels"] if "chosen_labels" in inputs else inputs["labels"]
+    labels = pair_inputs(inputs)["labels"] if "chosen_labels" in inputs else inputs["labels"]
     n = int((labels[:, 1:] != -100).sum())
     assert full[2] == [(*labels.shape, VOCAB)] or full[2] == [(*labels.shape, full[2][0][-1])]
     assert lean[2] == [(n, 2)], lean[2]
@@ -236,7 +236,7 @@ def test_lora_lean_equals_full(tmp_path, targets):
 def test_every_dpo_loss_lean_equals_full(micro_model_dir, batch, loss_type):  # noqa: F811
     module = build(DPOModule, micro_model_dir, loss_type=loss_type, beta=0.5)
     if module.objective.needs_reference:  # the policy moved off its reference copy
-        policy = module.label_logps(_concatenated(batch)).sequence_sums()[0]
+        policy = module.label_logps(pair_inputs(batch)).sequence_sums()[0]
         assert not torch.allclose(module.reference_logps(batch), policy, atol=1e-3)
     compare(module, batch)
 

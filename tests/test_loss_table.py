@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from src.modules import DPOModule, losses
-from src.modules.dpo import LossType, _concatenated
+from src.modules.dpo import LossType
+from src.modules.pairs import pair_inputs
 from tests.conftest import ASSETS
 from tests.test_preference_losses import batch  # noqa: F401  (a fixture)
 
@@ -59,7 +60,7 @@ def test_a_new_loss_is_one_function_and_one_row(monkeypatch, micro_model_dir, ba
     with torch.no_grad():  # move the policy off its reference
         for p in module.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    inputs = _concatenated(batch)
+    inputs = pair_inputs(batch)
     logps, counts = losses.sequence_logps(module(inputs), inputs["labels"])
     ref = module.reference_logps(batch)
     means, ref_means = logps / counts, ref / counts

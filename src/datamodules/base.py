@@ -64,6 +64,10 @@ def as_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+# per-example columns stored only where some example differs from the value that changes nothing
+NEUTRAL_COLUMNS = {"loss_weight": 1.0, "margin": 0.0}
+
+
 class BaseDataModule(pl.LightningDataModule):
     """Shared data plumbing; subclasses convert rows, encode examples and pack rows.
 
@@ -457,8 +461,9 @@ class BaseDataModule(pl.LightningDataModule):
             for name, values in chunk_columns.items():
                 columns.setdefault(name, []).extend(values)
             stats.merge(chunk_stats)
-        if all(w == 1.0 for w in columns.get("loss_weight", ())):
-            columns.pop("loss_weight", None)  # unweighted: no column, no per-token weights
+        for name, neutral in NEUTRAL_COLUMNS.items():
+            if all(v == neutral for v in columns.get(name, ())):
+                columns.pop(name, None)  # e.g. unweighted: no column, no per-token weights
         return columns, stats
 
     # ------------------------------------------------------------- streaming

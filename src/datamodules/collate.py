@@ -117,8 +117,9 @@ class PreferenceCollator:
     batch of rows with ``position_ids`` restarting per sequence and ``sequence_ids``: each
     token's sequence in the order of the unpacked batch, the batch's chosen sequences
     ``0 .. P-1`` then its rejected ones ``P .. 2P-1``, pairs numbered row by row; with
-    ``sequence_count`` (2P), ``row_pairs`` (pairs per row) and ``examples`` (P). Per-pair
-    columns (loss weights, reference log-probs) are flattened in the same pair order.
+    ``sequence_count`` (2P), ``row_pairs`` (pairs per row) and ``examples`` (P); padding is
+    sequence -1. Per-pair columns (``PAIR_COLUMNS``: reference log-probs, loss weights,
+    margins) are flattened in the same pair order.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1) -> None:
@@ -148,12 +149,7 @@ class PreferenceCollator:
                 f"{side}_labels": labels,
                 f"{side}_attention_mask": mask,
             }
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in rows[0]:
-                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
-        weights = [r.get("loss_weight", 1.0) for r in rows]
-        if any(w != 1.0 for w in weights):
-            batch["loss_weight"] = torch.tensor(weights, dtype=torch.float32)
+        batch |= pair_columns(rows)
         batch["real_tokens"] = torch.tensor(real)
         batch["token_slots"] = torch.tensor(2 * len(rows) * width)
         return batch
@@ -165,7 +161,7 @@ class PreferenceCollator:
         )
         row_pairs = [len(r["seq_lengths"]) // 2 for r in rows]
         pairs = sum(row_pairs)
-        sequence_ids = torch.zeros_like(batch["input_ids"])  # padding: labels -100, never read
+        sequence_ids = torch.full_like(batch["input_ids"], -1)  # -1: padding
         first = 0
         for i, row in enumerate(rows):
             start = 0
@@ -180,14 +176,35 @@ class PreferenceCollator:
             "row_pairs": torch.tensor(row_pairs),
             "examples": torch.tensor(pairs),
         }
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in rows[0]:
-                batch[key] = torch.tensor([v for r in rows for v in r[key]], dtype=torch.float32)
-        weights = [w for r, n in zip(rows, row_pairs, strict=True) for w in _pair_weights(r, n)]
-        if any(w != 1.0 for w in weights):
-            batch["loss_weight"] = torch.tensor(weights, dtype=torch.float32)
-        return batch
+        return batch | pair_columns(rows, row_pairs)
 
 
-def _pair_weights(row: Row, pairs: int) -> list[float]:
-    return row["loss_weight"] if "loss_weight" in row else [1.0] * pairs
+# per-pair columns -> the value of a pair without one (None: only ever all present or absent)
+PAIR_COLUMNS = {
+    "ref_chosen_logps": None,
+    "ref_rejected_logps": None,
+    "loss_weight": 1.0,
+    "margin": 0.0,
+}
+
+
+def pair_columns(
+    rows: Sequence[Row], row_pairs: list[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """The per-pair columns of a batch, one value per pair in batch order: a value per row,
+    or with ``row_pairs`` (packed rows) a list per row. A column whose every value is its
+    neutral one is left out (unweighted pairs carry no weights)."""
+    out = {}
+    for key, neutral in PAIR_COLUMNS.items():
+        if neutral is None and key not in rows[0]:
+            continue
+        values: list[float] = []
+        for i, row in enumerate(rows):
+            value = row.get(key, neutral)
+            if row_pairs is None:
+                values.append(value)
+            else:  # packed: a list per row, or the neutral value once per pair of the row
+                values += value if isinstance(value, list) else [value] * row_pairs[i]
+        if neutral is None or any(v != neutral for v in values):
+            out[key] = torch.tensor(values, dtype=torch.float32)
+    return out

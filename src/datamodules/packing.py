@@ -68,12 +68,16 @@ def pack_rows(
 PAIR_SIDES = ("chosen", "rejected")
 
 
+PAIR_VALUES = ("loss_weight", "margin")  # per-pair columns, a list per packed row
+
+
 def pack_pairs(columns: dict[str, list], capacity: int) -> dict[str, list[list]]:
     """Preference pairs packed whole into rows of at most ``capacity`` tokens.
 
     A row holds ``input_ids`` and ``labels`` of its pairs, each pair's chosen sequence then
-    its rejected one, ``seq_lengths`` of those sequences (two per pair), and each pair's
-    ``loss_weight`` when the columns have one. Pairs longer than a row raise ``ValueError``.
+    its rejected one, ``seq_lengths`` of those sequences (two per pair), and a list of each
+    pair's value for every per-pair column the columns have (``PAIR_VALUES``: loss weight,
+    margin). Pairs longer than a row raise ``ValueError``.
     """
     lengths = [
         len(c) + len(r)
@@ -86,10 +90,9 @@ def pack_pairs(columns: dict[str, list], capacity: int) -> dict[str, list[list]]
             f"{over} preference pairs (chosen + rejected) are longer than the row length "
             f"{capacity}, the longest {longest} tokens"
         )
-    weights = columns.get("loss_weight")
+    values = [key for key in PAIR_VALUES if key in columns]
     rows: dict[str, list[list]] = {"input_ids": [], "labels": [], "seq_lengths": []}
-    if weights is not None:
-        rows["loss_weight"] = []
+    rows |= {key: [] for key in values}
     for members in best_fit_decreasing(lengths, capacity):
         ids, labels, seq_lengths = [], [], []
         for i in members:
@@ -100,8 +103,8 @@ def pack_pairs(columns: dict[str, list], capacity: int) -> dict[str, list[list]]
         rows["input_ids"].append(ids)
         rows["labels"].append(labels)
         rows["seq_lengths"].append(seq_lengths)
-        if weights is not None:
-            rows["loss_weight"].append([float(weights[i]) for i in members])
+        for key in values:
+            rows[key].append([float(columns[key][i]) for i in members])
     return rows
 
 

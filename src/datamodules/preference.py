@@ -125,6 +125,7 @@ class PreferenceDataModule(BaseDataModule):
                 "rejected_input_ids",
                 "rejected_labels",
                 "loss_weight",
+                "margin",
             )
         }
         for i, example in enumerate(examples):
@@ -150,6 +151,7 @@ class PreferenceDataModule(BaseDataModule):
             weight = example.get("loss_weight", 1.0)
             stats.loss_weighted += weight != 1.0
             columns["loss_weight"].append(weight)
+            columns["margin"].append(example.get("margin", 0.0))
             for side, (ids, labels) in responses.items():
                 columns[f"{side}_input_ids"].append(prompt + ids)
                 columns[f"{side}_labels"].append([IGNORE_INDEX] * len(prompt) + labels)
