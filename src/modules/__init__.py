@@ -2,6 +2,7 @@
 
 from src.modules.adapters import LoraSettings
 from src.modules.base import CausalLMModule, LossTerms
+from src.modules.distill import DistillationModule
 from src.modules.dpo import DPOModule
 from src.modules.pretrain import PretrainModule
 from src.modules.sft import SFTModule
@@ -9,6 +10,7 @@ from src.modules.sft import SFTModule
 __all__ = [
     "CausalLMModule",
     "DPOModule",
+    "DistillationModule",
     "LoraSettings",
     "LossTerms",
     "PretrainModule",

@@ -236,7 +236,7 @@ class CausalLMModule(pl.LightningModule):
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         keys: dict[str, str] = {}  # which setting named it, for a message
-        for attr in ("model_name_or_path", "ref_model_name_or_path"):
+        for attr in ("model_name_or_path", "ref_model_name_or_path", "teacher_name_or_path"):
             if getattr(self, attr, None):
                 keys.setdefault(getattr(self, attr), f"model.init_args.{attr}")
         if from_scratch:

@@ -23,7 +23,7 @@ Granite's scaling) get the same transform inside the chunks (``post_head_transfo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -95,12 +95,24 @@ def lean_head(
 ) -> Iterator[_LeanCall]:
     """While open, the model's head returns ``(N, 2)``: each label token's log-probability
     and mean log-probability, in the order of ``labels[:, 1:] != -100``."""
+    with head_replaced(
+        model, lambda head, transform: _LeanCall(head, labels, chunk_size, smoothing, transform)
+    ) as call:
+        yield call
+
+
+@contextmanager
+def head_replaced(
+    model: torch.nn.Module, build: Callable[[torch.nn.Module, LogitTransform], Any]
+) -> Iterator[Any]:
+    """While open, the model's head runs ``build(head, transform)`` as its forward, with the
+    family's logit transform (``transform``) switched off in the model's own forward."""
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings for the lean head")
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     with neutral_post_head(causal_lm) as transform:
-        call = _LeanCall(head, labels, chunk_size, smoothing, transform)
+        call = build(head, transform)
         head.forward = call  # an instance attribute: the sharders' hooks still run around it
         try:
             yield call
@@ -220,16 +232,10 @@ class ChunkedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype, transform = ctx.dtype, ctx.transform
         w = weight.to(dtype)
         vocab = w.shape[0]
-        d_hidden = torch.zeros_like(hidden) if need_h else None
-        # summed over chunks in float32, rounded to the weight's dtype once
-        d_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        )
-        d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+        grads = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
         with _no_autocast(hidden):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
@@ -244,24 +250,244 @@ class ChunkedHead(torch.autograd.Function):
                     dz.add_(b / vocab)
                 if not isinstance(factor, float) or factor != 1.0:
                     dz.mul_(factor)
-                dz = dz.to(dtype)
-                if need_h:
-                    d_hidden[rows] = (dz @ w).to(hidden.dtype)
-                if need_w and dtype == torch.float32:
-                    d_weight.addmm_(dz.t(), h.float())
-                elif need_w:
-                    d_weight.add_(dz.t() @ h.to(dtype))
-                if need_b:
-                    d_bias.add_(dz.float().sum(0))
+                grads.add(rows, dz.to(dtype), h, w)
+        return (*grads.result(), None, None, None, None)
+
+
+class _HeadGrads:
+    """The gradients of a linear head's inputs, added chunk by chunk from each chunk's
+    ``dz`` (the gradient of its logits): ``d_hidden = dz @ W``, ``d_weight = dz^T @ h``
+    summed in float32 and rounded to the weight's dtype once, ``d_bias = sum(dz)``."""
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        needs: tuple[bool, ...],
+    ) -> None:
+        self.weight, self.bias, self.hidden_dtype = weight, bias, hidden.dtype
+        need_h, need_w, need_b = needs
+        float32 = {"dtype": torch.float32, "device": weight.device}
+        self.d_hidden = torch.zeros_like(hidden) if need_h else None
+        self.d_weight = torch.zeros(weight.shape, **float32) if need_w else None
+        self.d_bias = torch.zeros(weight.shape[0], **float32) if need_b else None
+
+    def add(self, rows: slice, dz: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+        """Add one chunk's share; ``dz`` and ``w`` in the compute dtype."""
+        if self.d_hidden is not None:
+            self.d_hidden[rows] = (dz @ w).to(self.hidden_dtype)
+        if self.d_weight is not None and dz.dtype == torch.float32:
+            self.d_weight.addmm_(dz.t(), h.float())
+        elif self.d_weight is not None:
+            self.d_weight.add_(dz.t() @ h.to(dz.dtype))
+        if self.d_bias is not None:
+            self.d_bias.add_(dz.float().sum(0))
+
+    def result(self) -> tuple[torch.Tensor | None, ...]:
+        d_weight, d_bias = self.d_weight, self.d_bias
         return (
-            d_hidden,
-            d_weight.to(weight.dtype) if d_weight is not None else None,
-            d_bias.to(bias.dtype) if d_bias is not None else None,
-            None,
-            None,
-            None,
-            None,
+            self.d_hidden,
+            d_weight.to(self.weight.dtype) if d_weight is not None else None,
+            d_bias.to(self.bias.dtype) if d_bias is not None else None,
         )
+
+
+# --------------------------------------------- any per-token function of the logits
+# ``fn(z, rows)``: the student's float32 logits ``z`` of the label tokens ``rows`` (a slice of
+# the label order) -> ``(len(rows), width)`` float32 results, differentiable in ``z``.
+ChunkFn = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+def label_map(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    fn: ChunkFn,
+    width: int,
+    path: HeadPath = "lean",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """``(N, width)``: ``fn`` of the logits of the N label tokens of ``batch``, in the order of
+    ``labels[:, 1:] != -100``. ``lean`` runs ``fn`` inside the head's forward, ``chunk_size``
+    tokens at a time (``ChunkedMap``), so no full logits exist; ``full`` runs it once on the
+    logits of every label position of the model's output (the reference path)."""
+    mask, _ = next_token_targets(batch["labels"])
+    if path == "full":
+        z = logits_of(model, batch)[:, :-1][mask].float()
+        return fn(z, slice(0, z.shape[0]))
+    with head_replaced(
+        model, lambda head, transform: _MapCall(head, mask, fn, width, chunk_size, transform)
+    ):
+        return logits_of(model, batch)  # what the head returned: (N, width)
+
+
+class _MapCall:
+    """The head's forward inside ``label_map``: ``fn`` on the label positions' logits."""
+
+    def __init__(
+        self,
+        head: torch.nn.Module,
+        mask: torch.Tensor,
+        fn: ChunkFn,
+        width: int,
+        chunk_size: int,
+        transform: LogitTransform,
+    ) -> None:
+        self.head, self.mask, self.fn, self.width = head, mask, fn, width
+        self.chunk_size, self.transform = chunk_size, transform
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        picked = hidden[:, :-1][self.mask.to(hidden.device)]
+        if type(self.head) is torch.nn.Linear:
+            head = self.head
+            return ChunkedMap.apply(
+                picked, head.weight, head.bias, self.fn, self.width, self.chunk_size, self.transform
+            )
+        forward = type(self.head).forward  # the class's: the instance's is this object
+        outs = [
+            checkpoint(
+                _chunk_map,
+                lambda x: forward(self.head, x),
+                picked[rows],
+                rows,
+                self.fn,
+                self.transform,
+                use_reentrant=False,
+            )
+            for rows in _chunks(picked.shape[0], self.chunk_size)
+        ]
+        return torch.cat(outs) if outs else picked.new_zeros(0, self.width, dtype=torch.float32)
+
+
+def _chunk_map(
+    head: Any, hidden: torch.Tensor, rows: slice, fn: ChunkFn, transform: LogitTransform
+) -> torch.Tensor:
+    return fn(transform(head(hidden).float()), rows)
+
+
+class ChunkedMap(torch.autograd.Function):
+    """``(N, width)`` results of ``fn`` (see ``ChunkFn``) for hidden states ``(N, H)`` and a
+    linear head ``weight (V, H)``, one ``(chunk, V)`` block of float32 logits at a time.
+
+    Forward keeps no logits; backward recomputes each block, runs ``fn`` on it under autograd
+    for ``dz``, and turns ``dz`` into the gradients of the hidden states, the weight (summed in
+    float32) and the bias as ``ChunkedHead`` does. ``fn`` may read other tensors (a teacher's
+    logits of the same rows); they get no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        fn: ChunkFn,
+        width: int,
+        chunk_size: int,
+        transform: LogitTransform,
+    ) -> torch.Tensor:
+        dtype = _compute_dtype(weight)
+        w = weight.to(dtype)
+        out = torch.zeros(hidden.shape[0], width, dtype=torch.float32, device=hidden.device)
+        with _no_autocast(hidden):
+            for rows in _chunks(hidden.shape[0], chunk_size):
+                z = transform(_logits(hidden[rows], w, bias, dtype), inplace=True)
+                out[rows] = fn(z, rows)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.fn, ctx.chunk_size, ctx.transform, ctx.dtype = fn, chunk_size, transform, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias = ctx.saved_tensors
+        dtype = ctx.dtype
+        w = weight.to(dtype)
+        grads = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
+        with _no_autocast(hidden):
+            for rows in _chunks(hidden.shape[0], ctx.chunk_size):
+                h = hidden[rows]
+                y = _logits(h, w, bias, dtype).requires_grad_()  # a leaf: the head's output
+                with torch.enable_grad():
+                    out = ctx.fn(ctx.transform(y), rows)
+                    (dy,) = torch.autograd.grad(out, y, grad_out[rows].float())
+                grads.add(rows, dy.to(dtype), h, w)
+        return (*grads.result(), None, None, None, None)
+
+
+def _chunks(n: int, chunk_size: int) -> Iterator[slice]:
+    for start in range(0, n, chunk_size):
+        yield slice(start, start + chunk_size)
+
+
+# ---------------------------------------------- another model's logits, chunk by chunk
+@dataclass
+class LabelLogits:
+    """A model's logits at the label positions of a batch, one block of rows at a time.
+
+    Either the head's inputs ``hidden (N, H)`` with its ``weight`` and ``bias`` (each block
+    computed when asked, in ``dtype``: no ``(N, V)`` tensor), or ``logits (N, V)`` computed
+    already; ``transform`` is the family's, applied to each block.
+    """
+
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    transform: LogitTransform = LogitTransform()
+    dtype: torch.dtype = torch.float32
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        """Float32 logits ``(len(rows), V)`` of the label tokens ``rows``."""
+        if self.logits is not None:
+            return self.transform(self.logits[rows].float())
+        with _no_autocast(self.hidden):
+            return self.transform(_logits(self.hidden[rows], self.weight, self.bias, self.dtype))
+
+
+def label_logits(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    path: HeadPath = "lean",
+    logits_now: bool = False,
+) -> LabelLogits:
+    """``model``'s logits at the label positions of ``batch`` (a frozen model: no gradients).
+
+    ``lean`` keeps the head's inputs from the model's forward and the head's weight, and the
+    logits are computed block by block when asked. With ``logits_now`` (the weight is whole
+    only inside the forward: FSDP, ZeRO-3) or a head that is no ``nn.Linear``, the head
+    computes the label positions' logits ``(N, V)`` inside its forward, in the model's dtype.
+    ``full`` takes them from the model's logits of every position (the reference path).
+    """
+    mask, _ = next_token_targets(batch["labels"])
+    if path == "full":
+        return LabelLogits(logits=logits_of(model, batch)[:, :-1][mask])
+    with head_replaced(
+        model, lambda head, transform: _CaptureCall(head, mask, transform, logits_now)
+    ) as call:
+        logits_of(model, batch)
+    return call.captured
+
+
+class _CaptureCall:
+    """The head's forward inside ``label_logits``: keeps what the label logits need."""
+
+    def __init__(
+        self, head: torch.nn.Module, mask: torch.Tensor, transform: LogitTransform, now: bool
+    ) -> None:
+        self.head, self.mask, self.transform, self.now = head, mask, transform, now
+        self.captured = LabelLogits(transform=transform)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        picked = hidden[:, :-1][self.mask.to(hidden.device)]
+        head = self.head
+        if self.now or type(head) is not torch.nn.Linear:
+            logits = type(head).forward(head, picked)  # the class's: the instance's is this
+            self.captured = LabelLogits(logits=logits, transform=self.transform)
+        else:
+            dtype = _compute_dtype(head.weight)
+            weight = head.weight.to(dtype)  # cast once, not once per block
+            self.captured = LabelLogits(picked, weight, head.bias, None, self.transform, dtype)
+        return hidden.new_zeros(0)  # the model's own logits: nothing is asked of them
 
 
 def _logits(

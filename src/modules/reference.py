@@ -39,6 +39,10 @@ from src.strategies import (
 )
 
 Mode = Literal["separate", "adapters_off", "initial_policy", "frozen_copy"]
+ZERO3_REFERENCE_ADVICE = (
+    "set model.precompute_ref_logps true (the initial policy scores the pairs before "
+    "training), use LoRA (the reference is the policy without adapters), or fsdp"
+)
 # column name -> one value per row of a batch (a tensor), or a tensor of values per row
 Scores = dict[str, torch.Tensor | list[torch.Tensor]]
 
@@ -61,6 +65,9 @@ class Reference:
         name_or_path: A separate model to load (default: the initial policy).
         precompute: Score the data before training and release the model.
         setting: The config key of ``name_or_path``, for messages.
+        dtype: The separate model's weight dtype (default: the policy's ``torch_dtype``); a
+            frozen model needs no float32 master weights, so ``bfloat16`` halves its memory.
+        zero3_advice: What to do instead under ZeRO-3, where no separate model can be built.
     """
 
     def __init__(
@@ -68,10 +75,14 @@ class Reference:
         name_or_path: str | None = None,
         precompute: bool = False,
         setting: str = "model.init_args.ref_model_name_or_path",
+        dtype: torch.dtype | None = None,
+        zero3_advice: str = ZERO3_REFERENCE_ADVICE,
     ) -> None:
         self.name_or_path = name_or_path
         self.precompute = precompute
         self.setting = setting
+        self.dtype = dtype
+        self.zero3_advice = zero3_advice
         self.mode: Mode | None = None
         self.model: torch.nn.Module | None = None  # a separate model or a copy
         self._policy: CausalLMModule | None = None
@@ -89,9 +100,8 @@ class Reference:
         mode = choose_mode(self.name_or_path, policy.lora is not None, self.precompute, fsdp)
         if mode in ("separate", "frozen_copy") and strategy and zero_stage(strategy) == 3:
             raise ConfigError(
-                "under DeepSpeed ZeRO-3 no separate reference model can be built: set "
-                "model.precompute_ref_logps true (the initial policy scores the pairs before "
-                "training), use LoRA (the reference is the policy without adapters), or fsdp"
+                f"under DeepSpeed ZeRO-3 no separate model for {self.setting} can be built: "
+                + self.zero3_advice
             )
         self.mode, self._policy = mode, policy
         if mode == "initial_policy":
@@ -100,7 +110,8 @@ class Reference:
         elif mode == "frozen_copy":
             self.model = _frozen(copy.deepcopy(policy.model))
         elif mode == "separate":
-            self.model = _frozen(policy.load_model(self.name_or_path))
+            model = policy.load_model(self.name_or_path)
+            self.model = _frozen(model if self.dtype is None else model.to(self.dtype))
 
     def on_fit_start(self) -> None:
         """Shard a separate model or a copy like the policy (FSDP1, FSDP2)."""
