@@ -10,6 +10,8 @@ Every file is JSON Lines (one UTF-8 object a line) and is fully determined by ``
   of simple template sentences, fixed "facts" and ``Q: ... A: ...`` worked examples.
 * ``preference_{train,val}.jsonl`` ``{"prompt", "chosen", "rejected"}`` where ``rejected``
   is a plausible wrong answer (sum off by a little, two numbers swapped, ...).
+* ``kto_{train,val}.jsonl``        ``{"prompt", "completion", "label"}`` unpaired rows (KTO):
+  each preference pair as two consecutive rows, chosen with ``label`` true, rejected false.
 
 The tasks are tiny and learnable by a few-million-parameter model in minutes on a CPU:
 reverse words, sort numbers, add two numbers, uppercase a phrase, first / last word or
@@ -386,6 +388,12 @@ def preference_rows(rng: random.Random, sampler: Sampler, n: int) -> Iterator[di
         }
 
 
+def unpaired_rows(pairs: list[dict]) -> Iterator[dict]:
+    for pair in pairs:
+        for side, label in (("chosen", True), ("rejected", False)):
+            yield {"prompt": pair["prompt"], "completion": pair[side], "label": label}
+
+
 def alpaca_rows(rng: random.Random, sampler: Sampler, n: int) -> Iterator[dict]:
     for task in task_cycle(rng, SINGLE_TASKS, n):
         problem = sampler.draw(task)
@@ -509,6 +517,8 @@ def main() -> None:
     for name in BUILDERS:
         n = sizes["train"] if name == "sft" else round(sizes["train"] * args.other_fraction)
         splits[name, "train"], _ = build_split(name, "train", n, args.seed, val_keys)
+    for split in ("train", "val"):
+        splits["kto", split] = list(unpaired_rows(splits["preference", split]))
     total = 0
     for (name, split), rows in sorted(
         splits.items(), key=lambda kv: (kv[0][0], kv[0][1] != "train")

@@ -7,6 +7,7 @@ from src.datamodules.pretrain import PretrainDataModule
 from src.datamodules.records import DataError
 from src.datamodules.sft import SFTDataModule
 from src.datamodules.sources import Source
+from src.datamodules.unpaired import UnpairedPreferenceDataModule
 
 __all__ = [
     "BaseDataModule",
@@ -16,4 +17,5 @@ __all__ = [
     "PretrainDataModule",
     "SFTDataModule",
     "Source",
+    "UnpairedPreferenceDataModule",
 ]

@@ -208,3 +208,46 @@ def pair_columns(
         if neutral is None or any(v != neutral for v in values):
             out[key] = torch.tensor(values, dtype=torch.float32)
     return out
+
+
+class UnpairedCollator:
+    """Unpaired preference rows (KTO): each row's sequence and its mismatched KL sequence (its
+    prompt with another row's completion), padded to one common width so that the module
+    runs both in one forward, each with its attention mask.
+
+    ``label`` is 1.0 for a desirable completion and 0.0 for an undesirable one; per-row
+    columns: ``loss_weight`` when some weight is not 1, and the precomputed ``ref_logps``
+    and ``ref_kl_logps``. ``real_tokens`` and ``token_slots`` count both sequences.
+    """
+
+    SEQUENCES = ("", "kl_")  # the matched rows' keys, then the KL rows' (``kl_input_ids``)
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = max(1, pad_to_multiple_of)
+
+    def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        lengths = {s: [len(r[f"{s}input_ids"]) for r in rows] for s in self.SEQUENCES}
+        width = _round_up(max(max(n) for n in lengths.values()), self.pad_to_multiple_of)
+        batch: dict[str, torch.Tensor] = {}
+        for s, n in lengths.items():
+            batch[f"{s}input_ids"] = _right_padded(rows, f"{s}input_ids", width, self.pad_token_id)
+            batch[f"{s}labels"] = _right_padded(rows, f"{s}labels", width, IGNORE_INDEX)
+            batch[f"{s}attention_mask"] = (torch.arange(width) < torch.tensor(n)[:, None]).long()
+        batch["label"] = torch.tensor([float(r["label"]) for r in rows])
+        for key in ("ref_logps", "ref_kl_logps"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+        weights = [r.get("loss_weight", 1.0) for r in rows]
+        if any(w != 1.0 for w in weights):
+            batch["loss_weight"] = torch.tensor(weights, dtype=torch.float32)
+        batch["real_tokens"] = torch.tensor(sum(sum(n) for n in lengths.values()))
+        batch["token_slots"] = torch.tensor(len(self.SEQUENCES) * len(rows) * width)
+        return batch
+
+
+def _right_padded(rows: Sequence[Row], key: str, width: int, fill: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row[key])] = torch.as_tensor(row[key], dtype=torch.long)
+    return out

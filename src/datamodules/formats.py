@@ -2,19 +2,21 @@
 
 * chat: ``{"messages": [...], "tools": [...]?}`` (OpenAI-style messages, text content);
 * text: ``{"text": str}`` (trained on every token);
-* preference: ``{"prompt": [...], "chosen": [...], "rejected": [...], "tools": [...]?}``.
+* preference: ``{"prompt": [...], "chosen": [...], "rejected": [...], "tools": [...]?}``;
+* unpaired: ``{"prompt": [...], "completion": [...], "label": bool, "tools": [...]?}`` (KTO),
+  read from any chat format whose row has a boolean ``label`` or ``kto_tag``.
 
 Every format is one row of ``FORMATS``: its name, the fields its rows need, the shape it
 becomes and the function that reads it; the table's order is the order ``format: auto``
 tries them in. Each shape's reader checks the result alike for every format: to_chat and
-to_sft_example (SFT) read chat, to_text (pretraining) and to_sft_example read text, and
-to_preference (DPO) reads preference.
+to_sft_example (SFT) read chat, to_text (pretraining) and to_sft_example read text,
+to_preference (DPO) reads preference, and to_unpaired (KTO) reads chat with a label.
 
 A source's ``columns`` mapping renames other field names to these before detection. What
 peers store in other shapes is brought to these here: tools as a JSON string, ShareGPT
 ``function_call`` turns, content as typed parts, hh-rlhf transcripts, single-turn chosen and
 rejected objects (LLaMA-Factory). Rows that cannot be trained as asked (unpaired KTO rows or
-preference rows given to SFT) are refused with what to do instead.
+preference rows given to SFT or DPO) are refused with what to do instead.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ SHAREGPT_ROLES = {
     "ipython": "tool",
 }
 KTO_FIELDS = ("label", "kto_tag")  # TRL's unpaired preference rows; LLaMA-Factory's KTO column
+KTO_DATA = "src.datamodules.UnpairedPreferenceDataModule (configs/kto.yaml)"
 HH_SPEAKERS = {"Human": "user", "Assistant": "assistant"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_SHAPE = "'\\n\\nHuman: ...\\n\\nAssistant: ...'"
@@ -171,9 +174,9 @@ def _misfit_hint(row: dict[str, Any], allowed: tuple[str, ...]) -> str:
     """What to do with a row of a kind the caller cannot train (said in the detection error)."""
     if _kto_field(row):
         return (
-            ". These look like unpaired preference rows (a boolean label: KTO data), and a KTO "
-            "objective is not available yet; for DPO, pair a desirable and an undesirable "
-            "completion of the same prompt as chosen and rejected"
+            ". These look like unpaired preference rows (a boolean label: KTO data): train them "
+            f"with {KTO_DATA}; for DPO, pair a desirable and an undesirable completion of the "
+            "same prompt as chosen and rejected"
         )
     if row.get("segments") is not None:
         return (
@@ -243,8 +246,8 @@ def _refuse_unpaired(record: Record) -> None:
     raise DataError(
         f"{record.where}: this row has a boolean {field!r} ({record.row[field]}): an unpaired "
         "preference row (KTO data, desirable and undesirable answers). Supervised fine-tuning "
-        "would train the undesirable answers as good ones, and a KTO objective is not "
-        f"available yet. To fine-tune on the desirable rows only, keep those whose {field} is "
+        f"would train the undesirable answers as good ones: train KTO on them with {KTO_DATA}. "
+        f"To fine-tune on the desirable rows only, keep those whose {field} is "
         f"true and drop the field, e.g. `jq -c 'select(.{field} == true) | del(.{field})' "
         f"in.jsonl > sft.jsonl`; if {field!r} means something else here, rename it with a "
         f"source's `columns` mapping (e.g. `columns: {{tag: {field}}}`)"
@@ -308,6 +311,52 @@ def _margin(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(f"{where}: 'margin' must be a finite number, found {value!r}")
     return float(value)
+
+
+def to_unpaired(record: Record, fmt: str = "auto") -> Example:
+    """Prompt and completion messages of an unpaired preference row (KTO), and its label.
+
+    A row of any chat format with a boolean ``label`` (TRL) or ``kto_tag`` (LLaMA-Factory):
+    a ``prompt_completion`` row's completion is its ``completion`` (a string or assistant
+    message(s)); a conversation's is its final run of assistant messages.
+    """
+    row, where = record.row, record.where
+    found = _checked_format(record, fmt, ("chat",), "unpaired preference data (KTO)")
+    field = _kto_field(row)
+    if field is None:
+        raise DataError(f"{where}: {_no_kto_label(row)}")
+    messages = check_messages(_plain_messages(found.read(record), where), where)
+    if found.name == "prompt_completion":
+        start = len(_turns(row["prompt"], "user", where, "prompt"))
+    else:
+        start = len(messages)
+        while start > 0 and messages[start - 1]["role"] == "assistant":
+            start -= 1
+    prompt, completion = messages[:start], messages[start:]
+    if not prompt or not completion or completion[0]["role"] != "assistant":
+        raise DataError(
+            f"{where}: an unpaired preference row needs a prompt followed by the assistant "
+            "completion to judge; this one has "
+            + ("no prompt before it" if completion and not prompt else "no assistant answer last")
+        )
+    return with_tools({"prompt": prompt, "completion": completion, "label": row[field]}, row, where)
+
+
+def _no_kto_label(row: dict[str, Any]) -> str:
+    found = ", ".join(f"{f}: {row[f]!r}" for f in KTO_FIELDS if f in row) or "no such field"
+    text = (
+        "an unpaired preference row (KTO) needs a boolean 'label' (TRL) or 'kto_tag' "
+        f"(LLaMA-Factory), true for a desirable completion and false for an undesirable one; "
+        f"found {found}. Name another column with a source's `columns` mapping (e.g. "
+        "`columns: {label: thumbs_up}`)"
+    )
+    if _has_pair(row):
+        text += (
+            ". This row is a preference pair (chosen, rejected): train it with "
+            "src.datamodules.PreferenceDataModule (configs/dpo.yaml), or write it as two "
+            "rows, the chosen completion with label true and the rejected with label false"
+        )
+    return text
 
 
 def _after(prompt: list[Message], side: list[Message]) -> list[Message]:

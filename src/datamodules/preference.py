@@ -58,12 +58,7 @@ class PreferenceDataModule(BaseDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.max_prompt_length = max_prompt_length or self.max_length // 2
-        if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
-                f"({self.max_length})"
-            )
+        self.max_prompt_length = prompt_budget(max_prompt_length, self.max_length)
         self.packing = packing
         self.pack_length = pack_length or 2 * self.max_length
         if self.pack_length < 2:
@@ -163,19 +158,10 @@ class PreferenceDataModule(BaseDataModule):
         self, prompt: list[int], responses: dict[str, Encoded], stats: SplitStats
     ) -> tuple[list[int], dict[str, Encoded]]:
         """Truncate a too-long pair: the prompt keeps its end, the responses their start."""
-        longest = max(len(ids) for ids, _ in responses.values())
-        if len(prompt) + longest <= self.max_length:
-            return prompt, responses
-        stats.truncated += 1
-        keep = min(len(prompt), max(self.max_prompt_length, self.max_length - longest))
-        if keep < len(prompt):
-            bos_id = self.tokenizer.bos_token_id  # written by the template or added by us
-            has_bos = bos_id is not None and prompt[0] == bos_id
-            prompt = prompt[:1] + prompt[len(prompt) - keep + 1 :] if has_bos else prompt[-keep:]
-        room = self.max_length - len(prompt)
-        return prompt, {
-            side: (ids[:room], labels[:room]) for side, (ids, labels) in responses.items()
-        }
+        bos_id = self.tokenizer.bos_token_id  # written by the template or added by us
+        return fit_to_length(
+            prompt, responses, self.max_length, self.max_prompt_length, bos_id, stats
+        )
 
     def collator(self) -> PreferenceCollator:
         return PreferenceCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
@@ -183,3 +169,35 @@ class PreferenceDataModule(BaseDataModule):
     def sample_prompts(self, n: int | None = None) -> list[tuple[list[Message], str]]:
         """The first ``n`` validation prompts with their chosen responses as references."""
         return [(e["prompt"], e["chosen"][0].get("content") or "") for e in self.val_examples[:n]]
+
+
+def prompt_budget(max_prompt_length: int | None, max_length: int) -> int:
+    """The prompt tokens a too-long example keeps at the least (default: half of
+    ``max_length``), checked to leave room for a response."""
+    budget = max_prompt_length or max_length // 2
+    if not 0 < budget < max_length:
+        raise ValueError(f"max_prompt_length ({budget}) must be below max_length ({max_length})")
+    return budget
+
+
+def fit_to_length(
+    prompt: list[int],
+    responses: dict[str, Encoded],
+    max_length: int,
+    max_prompt_length: int,
+    bos_id: int | None,
+    stats: SplitStats,
+) -> tuple[list[int], dict[str, Encoded]]:
+    """Truncate a too-long example (prompt + each response), counted in ``stats``: the prompt
+    keeps its end, its BOS and at least ``max_prompt_length`` tokens, the responses their
+    start."""
+    longest = max(len(ids) for ids, _ in responses.values())
+    if len(prompt) + longest <= max_length:
+        return prompt, responses
+    stats.truncated += 1
+    keep = min(len(prompt), max(max_prompt_length, max_length - longest))
+    if keep < len(prompt):
+        has_bos = bos_id is not None and prompt[0] == bos_id
+        prompt = prompt[:1] + prompt[len(prompt) - keep + 1 :] if has_bos else prompt[-keep:]
+    room = max_length - len(prompt)
+    return prompt, {side: (ids[:room], labels[:room]) for side, (ids, labels) in responses.items()}

@@ -8,22 +8,22 @@ import torch
 
 from src.errors import ConfigError
 from src.modules import losses
-from src.modules.base import CausalLMModule, LossTerms
+from src.modules.base import LossTerms
 from src.modules.pairs import pair_inputs
-from src.modules.reference import Reference, Scores
-from src.strategies import call_outside_step
+from src.modules.reference import Reference
+from src.modules.referenced import ReferencedModule
 
 LossType = Literal[tuple(losses.PREFERENCE_LOSSES)]  # the rows of the loss table
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-class DPOModule(CausalLMModule):
+class DPOModule(ReferencedModule):
     """Pairwise preference losses on chosen/rejected responses (``losses.PREFERENCE_LOSSES``).
 
     Chosen and rejected go through one concatenated forward. The reference (see
     ``reference.py``) is the policy with its adapters disabled under LoRA (no copy), a frozen
-    copy of the initial policy, or ``ref_model_name_or_path``; it is kept out of checkpoints.
-    The loss of a step is the mean over its pairs.
+    copy of the initial policy, or ``ref_model_name_or_path``; it is kept out of checkpoints
+    (its life cycle: ``referenced.py``). The loss of a step is the mean over its pairs.
 
     Args:
         loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``robust``, or the reference-free
@@ -39,6 +39,8 @@ class DPOModule(CausalLMModule):
             in memory while training.
         **kwargs: See ``CausalLMModule``.
     """
+
+    reference_columns = REFERENCE_COLUMNS
 
     def __init__(
         self,
@@ -68,39 +70,9 @@ class DPOModule(CausalLMModule):
         needed = self.objective.needs_reference
         self.reference = Reference(ref_model_name_or_path, precompute_ref_logps) if needed else None
 
-    @property
-    def loss_divisor(self) -> float:
-        return 1.0  # pair losses are O(1) already
-
-    def on_model_built(self) -> None:
-        if self.reference is not None:
-            self.reference.setup(self)
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        if self.reference is None:
-            return
-        self.reference.on_fit_start()
-        if self.reference.precompute:
-            self.precompute_reference(self.trainer.datamodule)
-
-    def precompute_reference(self, datamodule: Any) -> None:
-        """Reference log-probs of every pair as columns of the data, then no reference model."""
-        self.reference.precompute_scores(datamodule, REFERENCE_COLUMNS, self._reference_columns)
-
-    def _reference_columns(self, batch: dict[str, torch.Tensor]) -> Scores:
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        chosen, rejected = call_outside_step(self, "reference_logps", batch).chunk(2)
-        if "row_pairs" in batch:  # packed: a list per row, its pairs' values
-            split = batch["row_pairs"].tolist()
-            chosen, rejected = list(chosen.split(split)), list(rejected.split(split))
-        return dict(zip(REFERENCE_COLUMNS, (chosen, rejected), strict=True))
-
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed log-probabilities of chosen then rejected under the reference."""
-        if REFERENCE_COLUMNS[0] in batch:
-            return torch.cat([batch[key] for key in REFERENCE_COLUMNS])
-        return self.reference.logps(pair_inputs(batch))
+    def scored_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Chosen then rejected, padded or packed: the reference's blocks as the policy's."""
+        return pair_inputs(batch)
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         inputs = pair_inputs(batch)
@@ -110,7 +82,7 @@ class DPOModule(CausalLMModule):
         row = self.objective
         args = [*(means if row.per_token_mean else logps).chunk(2)]
         if row.needs_reference:
-            ref = self.reference_logps(batch)
+            ref = self.reference_logps(batch, inputs)
             args += (ref / counts if row.per_token_mean else ref).chunk(2)
         options = {name: getattr(self, name) for name in row.options}
         pair_loss, r_chosen, r_rejected = row.fn(*args, beta=self.beta, **options)

@@ -251,3 +251,47 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     ),
     "orpo": PreferenceLoss(orpo_loss, needs_reference=False, per_token_mean=True, nll_weight=1.0),
 }
+
+
+# ------------------------------------------------------- unpaired preference losses (KTO)
+# Each takes per-row log-probabilities summed over the completion, policy and reference, and
+# whether each completion is desirable; it returns (loss per row, reward per row).
+
+UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired")  # the KTO module's loss_type
+
+
+def kto_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al., 2024, arXiv:2402.01306, eq. 7): with the implied reward
+    ``r = log pi(y|x) - log ref(y|x)`` and the reference point ``z`` (the KL estimate, no
+    gradient), ``w_d (1 - sigmoid(beta (r - z)))`` for a desirable completion and
+    ``w_u (1 - sigmoid(beta (z - r)))`` for an undesirable one. Rewards are ``beta * r``."""
+    r = logps - ref_logps
+    h = beta * (r - kl)
+    loss = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(h)),
+        undesirable_weight * (1 - torch.sigmoid(-h)),
+    )
+    return loss, beta * r.detach()
+
+
+def apo_zero_unpaired_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """APO-zero, unpaired (D'Oosterlinck et al., 2024, arXiv:2408.06266): KTO with the
+    reference point at 0, which raises desirable rewards and lowers undesirable ones for
+    data better than the model's own outputs (no KL estimate needed)."""
+    return kto_loss(logps, ref_logps, desirable, 0.0, beta, desirable_weight, undesirable_weight)
