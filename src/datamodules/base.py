@@ -18,7 +18,7 @@ import json
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import datasets
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -230,6 +230,17 @@ class BaseDataModule(pl.LightningDataModule):
 
     def collator(self) -> Any:
         return Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    def prompt_loader(self, samples: list, collate_fn: Callable[[list], Any] = list) -> DataLoader:
+        """``samples`` in order, ``val_batch_size`` at a time, for ``predict``. Under several
+        processes every rank gets as many (a sharded model's ranks run in lockstep): the
+        last is repeated, and the prediction writer drops the repeats by their index."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1 and samples:
+            samples = samples + [samples[-1]] * (-len(samples) % world)
+        return DataLoader(
+            samples, batch_size=self.val_batch_size, collate_fn=collate_fn, shuffle=False
+        )
 
     def add_scores(self, columns: tuple[str, ...], score: Score | None, key: str) -> None:
         """Columns of per-example scores (reference log-probs) on every split, computed by

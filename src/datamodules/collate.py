@@ -24,6 +24,19 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def padded_rows(
+    rows: Sequence[list[int]], pad_token_id: int, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """Token id lists as a right-padded ``input_ids`` batch with its ``attention_mask``."""
+    width = _round_up(max(len(r) for r in rows), max(1, pad_to_multiple_of))
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 class Collator:
     """Rows to a right-padded batch; packed rows get position ids and no attention mask.
 

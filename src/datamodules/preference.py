@@ -5,7 +5,9 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from src.datamodules.base import BaseDataModule, Columns, Example
+from torch.utils.data import DataLoader
+
+from src.datamodules.base import BaseDataModule, Columns, Example, as_list
 from src.datamodules.chat import (
     IGNORE_INDEX,
     ChatEncoder,
@@ -16,10 +18,11 @@ from src.datamodules.chat import (
     labels_for_spans,
     row_errors,
 )
-from src.datamodules.collate import PreferenceCollator
+from src.datamodules.collate import PreferenceCollator, padded_rows
 from src.datamodules.formats import to_preference
 from src.datamodules.packing import pack_pairs
 from src.datamodules.records import DataError, Record
+from src.datamodules.sft import read_prompts
 from src.datamodules.stats import SplitStats
 
 Encoded = tuple[list[int], list[int]]  # a response's ids and labels
@@ -44,6 +47,9 @@ class PreferenceDataModule(BaseDataModule):
             ``max_length``); a prompt keeps more when the responses leave room.
         packing: Pack pairs into rows (padding-free preference training).
         pack_length: Tokens per packed row (default ``2 * max_length``, which any pair fits).
+        predict_files: Conversations for a reward model's ``predict``: rows of any chat
+            format (or a ``prompt`` with a ``completion``); each is scored at the end of its
+            last assistant turn. Default: the validation pairs, chosen then rejected.
         **kwargs: See ``BaseDataModule``.
     """
 
@@ -55,9 +61,12 @@ class PreferenceDataModule(BaseDataModule):
         max_prompt_length: int | None = None,
         packing: bool = False,
         pack_length: int | None = None,
+        predict_files: str | list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.predict_files = as_list(predict_files)
+        self.predict_ids: list[Any] = []  # the ids of the predicted rows, filled by the loader
         self.max_prompt_length = prompt_budget(max_prompt_length, self.max_length)
         self.packing = packing
         self.pack_length = pack_length or 2 * self.max_length
@@ -169,6 +178,48 @@ class PreferenceDataModule(BaseDataModule):
     def sample_prompts(self, n: int | None = None) -> list[tuple[list[Message], str]]:
         """The first ``n`` validation prompts with their chosen responses as references."""
         return [(e["prompt"], e["chosen"][0].get("content") or "") for e in self.val_examples[:n]]
+
+    # ---------------------------------------------------------------- predict
+    def setup(self, stage: str | None = None) -> None:
+        if stage != "predict" or not self.predict_files:
+            super().setup(stage)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of conversations to score, in input order: ``input_ids`` and
+        ``attention_mask`` encoded as the training pairs are, and ``rows`` (prompt messages,
+        response text). ``predict_ids`` keeps each row's ``id`` (``None`` without one)."""
+        if self.predict_files:
+            found = read_prompts(self.predict_files)
+            rows = [(p, r) for p, r, _ in found]
+            self.predict_ids = [i for _, _, i in found]
+        else:
+            rows = [
+                (e["prompt"], e[side][0].get("content") or "")
+                for e in self.val_examples
+                for side in ("chosen", "rejected")
+            ]
+            self.predict_ids = [None] * len(rows)
+        for n, (_, response) in enumerate(rows):
+            if not response:
+                raise DataError(f"predict row {n + 1} has no assistant answer to score")
+        return self.prompt_loader(rows, self._collate_scored)
+
+    def _collate_scored(self, rows: list[tuple[list[Message], str]]) -> dict[str, Any]:
+        ids = [self.encode_scored(prompt, response) for prompt, response in rows]
+        batch = padded_rows(ids, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        return batch | {"rows": rows}
+
+    def encode_scored(self, prompt: list[Message], response: str) -> list[int]:
+        """The token ids of prompt + response as a training pair's side, truncated alike."""
+        answer: list[Message] = [{"role": "assistant", "content": response}]
+        split = self.encoder.split_response(prompt, answer, None)
+        ids = list(encode_texts(self.tokenizer, [split.prompt])[0])
+        if self.encoder.needs_bos(split.prompt):
+            ids.insert(0, self.encoder.bos_id)
+        (response_ids, offsets), = encode_with_offsets(self.tokenizer, [split.text])
+        side = (list(response_ids), labels_for_spans(response_ids, offsets, split.spans))
+        ids, fitted = self._fit(ids, {"chosen": side}, SplitStats())
+        return ids + fitted["chosen"][0]
 
 
 def prompt_budget(max_prompt_length: int | None, max_length: int) -> int:

@@ -141,12 +141,7 @@ class SFTDataModule(BaseDataModule):
         else:
             samples = self.sample_prompts()
             self.predict_ids = [None] * len(samples)
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if world > 1 and samples:
-            # every rank gets as many prompts (ranks decode in lockstep under sharding);
-            # the writer drops the repeats, whose index is past the real prompts
-            samples += [samples[-1]] * (-len(samples) % world)
-        return DataLoader(samples, batch_size=self.val_batch_size, collate_fn=list, shuffle=False)
+        return self.prompt_loader(samples)
 
 
 PromptRow = tuple[list[Message], str, Any]  # prompt messages, reference, the row's id

@@ -6,6 +6,7 @@ from src.modules.distill import DistillationModule
 from src.modules.dpo import DPOModule
 from src.modules.kto import KTOModule
 from src.modules.pretrain import PretrainModule
+from src.modules.reward import RewardModule
 from src.modules.sft import SFTModule
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "LoraSettings",
     "LossTerms",
     "PretrainModule",
+    "RewardModule",
     "SFTModule",
 ]

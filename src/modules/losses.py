@@ -253,6 +253,26 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
 }
 
 
+# ------------------------------------------------------------------ reward models
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float = 0.0,
+) -> torch.Tensor:
+    """A reward model's loss per pair on its scalar rewards (Bradley and Terry, 1952):
+    ``-log sigmoid(r_w - r_l - margin)``, with a margin per pair as Llama 2's (Touvron et al.,
+    2023, arXiv:2307.09288), plus ``c * (r_w + r_l)^2`` which keeps rewards centred on 0
+    (Eisenstein et al., 2023, arXiv:2312.09244; TRL's ``center_rewards_coefficient``)."""
+    gap = chosen - rejected if margin is None else chosen - rejected - margin
+    loss = -F.logsigmoid(gap)
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * (chosen + rejected) ** 2
+    return loss
+
+
 # ------------------------------------------------------- unpaired preference losses (KTO)
 # Each takes per-row log-probabilities summed over the completion, policy and reference, and
 # whether each completion is desirable; it returns (loss per row, reward per row).
