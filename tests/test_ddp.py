@@ -208,6 +208,56 @@ def test_reward_model_two_sharded_processes_match_one(tmp_path, saved_model_dir,
     assert single.losses[0] != single.losses[-1]
 
 
+def test_kto_two_sharded_processes_match_one(tmp_path, saved_model_dir):
+    """KTO under FSDP2 on 2 processes: the KL estimate is taken over the mismatched rows of
+    both (reduced across devices), so every step equals one plain process with all 4 rows;
+    step 0 is 0.5 (every reward and the KL 0), the frozen reference copy sharded too."""
+    # three desirable rows raise answers' log-probs after any prompt: the KL estimate over
+    # the mismatched pairs grows above 0 (it is clamped there) and enters every loss
+    rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in PAIRS]
+    rows[3] = {"prompt": PAIRS[3]["prompt"], "completion": PAIRS[3]["rejected"], "label": False}
+    data = write_jsonl(tmp_path / "unpaired.jsonl", rows)
+    lr = ("--model.optimizer.init_args.lr", "0.01")  # far enough from the reference for a KL
+    single = fit("kto.yaml", tmp_path / "one", "one", saved_model_dir, data, 1, *FULL, *lr)
+    double = fit("kto.yaml", tmp_path / "two", "two", saved_model_dir, data, 2, *lr,
+                 "--trainer.strategy", FSDP2)  # fmt: skip
+    assert sharded_models(double) == 2  # the policy and its reference
+    assert double.losses[0] == pytest.approx(0.5, abs=1e-6)
+    assert_same_training(single, double)
+    kl = [v for _, v in scalars(double.path, "train/kl")]
+    assert kl[0] == 0 and min(kl[1:]) > 0.5  # the reduced estimate entered the losses
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, micro_model_dir) -> Path:
+    """Other weights than the student's, saved with the tokenizer, as a trained teacher."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(micro_model_dir)).save_pretrained(
+        path
+    )
+    AutoTokenizer.from_pretrained(micro_model_dir).save_pretrained(path)
+    return path
+
+
+def test_distillation_two_sharded_processes_match_one(
+    tmp_path, saved_model_dir, teacher_dir, sft_data
+):
+    """Distillation under FSDP2 on 2 processes, the teacher sharded like the student (its
+    label-position logits computed inside its own forward): every step and the export equal
+    one plain process on the full-logits path."""
+    teacher = ("--model.teacher_name_or_path", str(teacher_dir))
+    single = fit("distill.yaml", tmp_path / "one", "one", saved_model_dir, sft_data, 1,
+                 *teacher, *FULL)  # fmt: skip
+    double = fit("distill.yaml", tmp_path / "two", "two", saved_model_dir, sft_data, 2,
+                 *teacher, "--trainer.strategy", FSDP2)  # fmt: skip
+    assert sharded_models(double) == 2  # the student and its teacher
+    assert_same_training(single, double)
+    assert single.losses[0] > 0.01  # the teacher differs: something to distil
+
+
 # ----------------------------------------------------------------------------- FSDP2, FSDP1
 
 FSDP = (
