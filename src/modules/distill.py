@@ -141,10 +141,6 @@ class DistillationModule(CausalLMModule):
             zero3_advice="distil under fsdp, or deepspeed_zero2 (each rank holds the teacher)",
         )
 
-    @property
-    def loss_divisor(self) -> float:
-        return float(self.max_length or 1024)  # token sums, as SFT's
-
     def on_model_built(self) -> None:
         """Check the teacher, then load it (in ``configure_model``: a config instantiates
         without the teacher, as DPO's does without its reference)."""
