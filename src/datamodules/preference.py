@@ -216,7 +216,7 @@ class PreferenceDataModule(BaseDataModule):
         ids = list(encode_texts(self.tokenizer, [split.prompt])[0])
         if self.encoder.needs_bos(split.prompt):
             ids.insert(0, self.encoder.bos_id)
-        (response_ids, offsets), = encode_with_offsets(self.tokenizer, [split.text])
+        ((response_ids, offsets),) = encode_with_offsets(self.tokenizer, [split.text])
         side = (list(response_ids), labels_for_spans(response_ids, offsets, split.spans))
         ids, fitted = self._fit(ids, {"chosen": side}, SplitStats())
         return ids + fitted["chosen"][0]
