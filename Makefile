@@ -9,6 +9,8 @@ CONSTRAINTS ?= constraints.txt
 VENV   ?= .venv
 CONFIG ?= configs/sft.yaml
 ARGS   ?=
+# test processes, a test file each (pytest-xdist); TEST_JOBS=0 runs the suite in this process
+TEST_JOBS ?= 2
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
@@ -44,8 +46,8 @@ preview: $(STAMP) ## Data statistics and examples with the trained tokens marked
 check-template: $(STAMP) ## Probe the chat template of CONFIG's tokenizer; fails on a wrong mask
 	$(BIN)/python -m src.preview --check-template --config $(CONFIG) $(ARGS)
 
-test: $(STAMP) ## Run the whole test suite
-	$(BIN)/python -m pytest -q $(ARGS)
+test: $(STAMP) ## Run the whole test suite (TEST_JOBS=2 processes, a test file each)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 test-fast: $(STAMP) ## Run the tests that take seconds (no end-to-end runs)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)

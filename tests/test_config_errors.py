@@ -256,7 +256,8 @@ def test_a_misspelled_key_in_a_config_file(tmp_path):
         (
             ["--model", "src.modules.SFTModul"],
             "model: no class SFTModul in src.modules; did you mean src.modules.SFTModule? "
-            "(src.modules has CausalLMModule, DPOModule, PretrainModule, SFTModule)",
+            "(src.modules has CausalLMModule, DistillationModule, DPOModule, KTOModule, "
+            "PretrainModule, RewardModule, SFTModule)",
         ),
         (
             ["--trainer", "configs/trainer/gpux.yaml"],

@@ -36,6 +36,15 @@ SMALL = {
 }
 
 
+def assert_same_gradients(lean: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+    """Every trainable parameter got a gradient on both paths, equal to RTOL of its scale."""
+    assert lean.keys() == full.keys() and full
+    for name, g in full.items():
+        scale = g.abs().max().item()
+        assert scale > 0, f"{name} got no gradient"
+        torch.testing.assert_close(lean[name], g, rtol=RTOL, atol=RTOL * scale, msg=name)
+
+
 def model_dir(tmp_path, config_cls=LlamaConfig, **overrides):
     path = tmp_path / config_cls.model_type
     config_cls(**{**SMALL, "tie_word_embeddings": True, **overrides}).save_pretrained(path)
@@ -109,11 +118,7 @@ def assert_same(full, lean):
     for key, value in t_full.sums.items():
         # atol: rewards are beta times differences of sums in the hundreds
         torch.testing.assert_close(t_lean.sums[key], value, rtol=RTOL, atol=1e-5, msg=key)
-    assert g_lean.keys() == g_full.keys() and g_full
-    for name, g in g_full.items():
-        scale = g.abs().max().item()
-        assert scale > 0, f"{name} got no gradient"
-        torch.testing.assert_close(g_lean[name], g, rtol=RTOL, atol=RTOL * scale, msg=name)
+    assert_same_gradients(g_lean, g_full)
 
 
 def compare(module, inputs):
