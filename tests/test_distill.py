@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -267,6 +269,34 @@ def test_bfloat16_teacher(pair):
     exact = build(*pair)  # a float32 teacher: the same numbers to bf16's precision
     loss = module.loss_terms(sft_batch()).loss_sum
     torch.testing.assert_close(loss, exact.loss_terms(sft_batch()).loss_sum, rtol=2e-2, atol=0)
+
+
+def test_a_float32_teacher_of_a_bfloat16_student_is_read_in_float32(pair):
+    """The teacher is loaded in its own dtype, not the student's and then cast: its weights
+    are exactly the checkpoint's."""
+    from safetensors.torch import load_file
+
+    module = build(*pair, torch_dtype="bfloat16", teacher_dtype="float32")
+    saved = load_file(Path(pair[1]) / "model.safetensors")
+    teacher = module.teacher.model.state_dict()
+    assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
+    for name, value in saved.items():
+        assert torch.equal(teacher[name], value), name
+
+
+def test_predict_needs_no_teacher(pair, tmp_path):
+    """Generation from a distilled student runs without its teacher on disk."""
+    module = DistillationModule(
+        model_name_or_path=pair[0], teacher_name_or_path=str(tmp_path / "gone"),
+        tokenizer=str(ASSETS),
+    )  # fmt: skip
+    module.trainer = SimpleNamespace(predicting=True, strategy=None)
+    module.configure_model()
+    assert module.model is not None and module.teacher.model is None
+    module.trainer = SimpleNamespace(predicting=False, strategy=None)
+    module.model = None
+    with pytest.raises(PathNotFoundError, match="teacher_name_or_path"):
+        module.configure_model()
 
 
 # ------------------------------------------------------------------------- refusals

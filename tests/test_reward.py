@@ -187,3 +187,38 @@ def test_reward_fit_logs_pair_metrics_and_its_export_and_predict_score_alike(
         ours = module.sequence_scores({"input_ids": torch.tensor([ids[0]])}, model=exported)
     assert [p["score"] for p in predicted] == pytest.approx(hf, abs=1e-5)
     assert ours.item() == pytest.approx(hf[0], abs=1e-6)
+
+
+def test_a_pad_token_that_is_the_eos_token_is_warned_about(micro_model_dir, tmp_path, tokenizer):
+    """The export's own pooling (last token that is not the pad id) would read the token
+    before each sequence's final EOS: the user is told, with what to do."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    tok.add_special_tokens({"eos_token": "<|im_end|>"})  # no pad token: EOS stands in
+    tok.chat_template = tokenizer.chat_template
+    tok.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="pad token is the EOS token"):
+        reward_module(micro_model_dir, tokenizer=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_predict_on_preference_data_generates_for_a_policy(tmp_path, micro_model_dir):
+    """A DPO policy's predict generates from the prompts (with the chosen answers as the
+    references) where a reward model's scores them."""
+    data = write_jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": "Say hi", "chosen": "Hi", "rejected": "No"}]
+    )
+    cli_main(
+        ["predict", "--config", str(ROOT / "configs" / "dpo.yaml"),
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+         "--trainer.enable_progress_bar", "false",
+         "--model.init_args.model_name_or_path", str(micro_model_dir),
+         "--model.init_args.max_new_tokens", "2",
+         "--data.init_args.train_files", str(data), "--data.init_args.val_files", str(data),
+         "--data.init_args.cache_dir", str(tmp_path / "cache")]
+    )  # fmt: skip
+    lines = (tmp_path / "runs" / "dpo" / "version_0" / "predictions.jsonl").read_text()
+    (row,) = [json.loads(line) for line in lines.splitlines()]
+    assert row["prompt"][-1]["content"] == "Say hi" and row["reference"] == "Hi"
+    assert isinstance(row["output"], str)

@@ -225,8 +225,8 @@ def pair_columns(
 
 class UnpairedCollator:
     """Unpaired preference rows (KTO): each row's sequence and its mismatched KL sequence (its
-    prompt with another row's completion), padded to one common width so that the module
-    runs both in one forward, each with its attention mask.
+    prompt with another row's completion), padded to one common width so that a model can run
+    both in one forward (the reference does), each with its attention mask.
 
     ``label`` is 1.0 for a desirable completion and 0.0 for an undesirable one; per-row
     columns: ``loss_weight`` when some weight is not 1, and the precomputed ``ref_logps``

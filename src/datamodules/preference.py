@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from src.datamodules.base import BaseDataModule, Columns, Example, as_list
@@ -185,32 +186,50 @@ class PreferenceDataModule(BaseDataModule):
             super().setup(stage)
 
     def predict_dataloader(self) -> DataLoader:
-        """Batches of conversations to score, in input order: ``input_ids`` and
+        """``predict`` batches, in input order. A policy (DPO) generates from lists of (prompt
+        messages, reference), by default the validation prompts with their chosen responses.
+        A reward model (a module with ``predicts_scores``) scores: ``input_ids`` and
         ``attention_mask`` encoded as the training pairs are, and ``rows`` (prompt messages,
-        response text). ``predict_ids`` keeps each row's ``id`` (``None`` without one)."""
+        response text), by default both responses of every validation pair. ``predict_ids``
+        keeps each row's ``id`` (``None`` without one)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        scoring = getattr(module, "predicts_scores", False)
+        ids: list[Any] = []
         if self.predict_files:
             found = read_prompts(self.predict_files)
-            rows = [(p, r) for p, r, _ in found]
-            self.predict_ids = [i for _, _, i in found]
-        else:
+            rows, ids = [(p, r) for p, r, _ in found], [i for _, _, i in found]
+        elif scoring:
             rows = [
                 (e["prompt"], e[side][0].get("content") or "")
                 for e in self.val_examples
                 for side in ("chosen", "rejected")
             ]
-            self.predict_ids = [None] * len(rows)
+        else:
+            rows = self.sample_prompts()
+        self.predict_ids = ids or [None] * len(rows)
+        if not scoring:
+            return self.prompt_loader(rows)
         for n, (_, response) in enumerate(rows):
             if not response:
                 raise DataError(f"predict row {n + 1} has no assistant answer to score")
         return self.prompt_loader(rows, self._collate_scored)
 
     def _collate_scored(self, rows: list[tuple[list[Message], str]]) -> dict[str, Any]:
-        ids = [self.encode_scored(prompt, response) for prompt, response in rows]
+        stats = SplitStats()
+        ids = [self.encode_scored(prompt, response, stats) for prompt, response in rows]
+        if stats.truncated:
+            rank_zero_warn(
+                f"{stats.truncated} predict rows are longer than max_length "
+                f"({self.max_length}): each is cut as training pairs are, and scored at the cut"
+            )
         batch = padded_rows(ids, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
         return batch | {"rows": rows}
 
-    def encode_scored(self, prompt: list[Message], response: str) -> list[int]:
-        """The token ids of prompt + response as a training pair's side, truncated alike."""
+    def encode_scored(
+        self, prompt: list[Message], response: str, stats: SplitStats | None = None
+    ) -> list[int]:
+        """The token ids of prompt + response as a training pair's side, truncated alike
+        (counted in ``stats``)."""
         answer: list[Message] = [{"role": "assistant", "content": response}]
         split = self.encoder.split_response(prompt, answer, None)
         ids = list(encode_texts(self.tokenizer, [split.prompt])[0])
@@ -218,7 +237,7 @@ class PreferenceDataModule(BaseDataModule):
             ids.insert(0, self.encoder.bos_id)
         ((response_ids, offsets),) = encode_with_offsets(self.tokenizer, [split.text])
         side = (list(response_ids), labels_for_spans(response_ids, offsets, split.spans))
-        ids, fitted = self._fit(ids, {"chosen": side}, SplitStats())
+        ids, fitted = self._fit(ids, {"chosen": side}, stats or SplitStats())
         return ids + fitted["chosen"][0]
 
 

@@ -218,9 +218,14 @@ class CausalLMModule(pl.LightningModule):
         return model
 
     def load_model(
-        self, name_or_path: str, from_scratch: bool = False, lora: LoraSettings | None = None
+        self,
+        name_or_path: str,
+        from_scratch: bool = False,
+        lora: LoraSettings | None = None,
+        dtype: torch.dtype | None = None,
     ) -> PreTrainedModel:
-        """A Hugging Face causal LM: from a checkpoint, or initialised from its config."""
+        """A Hugging Face causal LM: from a checkpoint, or initialised from its config; in
+        ``dtype`` (default: ``torch_dtype``), read in that dtype rather than cast after."""
         check_local_path(name_or_path, "model")
         strategy = attached_strategy(self)
         if strategy is not None and zero_stage(strategy) == 3:
@@ -229,7 +234,8 @@ class CausalLMModule(pl.LightningModule):
             from transformers.integrations import HfDeepSpeedConfig
 
             self.__dict__["_hf_deepspeed_config"] = HfDeepSpeedConfig(strategy.config)
-        dtype = "auto" if self.torch_dtype == "auto" else getattr(torch, self.torch_dtype)
+        if dtype is None:
+            dtype = "auto" if self.torch_dtype == "auto" else getattr(torch, self.torch_dtype)
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": self.trust_remote_code}
         if self.attn_implementation == varlen_attention.NAME:
             varlen_attention.register()

@@ -6,9 +6,10 @@ gradients) with its head replaced, keeping only the label positions' hidden stat
 head weight (``head.label_logits``); the student's head then runs ``head.ChunkedMap``: a
 chunk of student logits at a time, the teacher's logits of the same rows computed from the
 kept hidden states, the per-token divergence and cross-entropy of the chunk, nothing kept
-(backward recomputes the chunk). Under FSDP and ZeRO-3 the teacher's head weight is whole
-only inside its own forward: there the teacher's head computes its label positions' logits
-``(N, V)`` inside that forward, in the teacher's dtype, and the chunks read those.
+(backward recomputes the chunk). Under FSDP the teacher's head weight is whole only inside
+its own forward: there the teacher's head computes its label positions' logits ``(N, V)``
+inside that forward, in the teacher's dtype, and the chunks read those. (ZeRO-3 cannot hold
+a separate teacher: ``Reference`` refuses it.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from src.compat import attached_strategy
+from src.compat import attached_strategy, attached_trainer
 from src.datamodules.tokenizer import load_tokenizer
 from src.errors import ConfigError, PathNotFoundError
 from src.local_paths import looks_local
@@ -143,7 +144,11 @@ class DistillationModule(CausalLMModule):
 
     def on_model_built(self) -> None:
         """Check the teacher, then load it (in ``configure_model``: a config instantiates
-        without the teacher, as DPO's does without its reference)."""
+        without the teacher, as DPO's does without its reference); ``predict`` generates
+        with the student alone and needs no teacher."""
+        trainer = attached_trainer(self)
+        if trainer is not None and trainer.predicting:
+            return
         _check_teacher_exists(self.teacher_name_or_path)
         check_same_tokenizer(
             self.tokenizer,

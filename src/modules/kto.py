@@ -27,8 +27,9 @@ class KTOModule(ReferencedModule):
     under the reference (see ``reference.py``: adapters off under LoRA, a frozen copy, a
     separate model, or precomputed). KTO's reference point is the KL estimate: the mean over
     the batch's mismatched pairs (each prompt with another row's completion) of the same
-    log-ratio, over every device, without gradient, clamped at 0 (as TRL). Matched and
-    mismatched rows go through one concatenated forward. The loss of a step is the mean over
+    log-ratio, over every device, without gradient, clamped at 0 (as TRL). The policy runs the
+    mismatched rows without autograd (the estimate carries no gradient, so no activations are
+    kept for them); the reference runs both in one forward. The loss of a step is the mean over
     its rows; ``rewards/chosen`` is averaged over the desirable rows only and
     ``rewards/rejected`` over the undesirable ones, and ``kl`` is the estimate each row saw.
 
@@ -89,15 +90,19 @@ class KTOModule(ReferencedModule):
         return {key: torch.cat([batch[s + key] for s in sequences]) for key in INPUTS}
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
-        inputs = self.scored_inputs(batch, self.uses_kl)
-        logps = self.label_logps(inputs).sequence_sums(inputs)[0]
-        ref = self.reference_logps(batch, inputs)[: len(logps)]  # precomputed: both blocks
-        rows = len(batch["label"])
+        matched = self.scored_inputs(batch, with_kl=False)
+        logps = self.label_logps(matched).sequence_sums(matched)[0]
+        rows = len(logps)
+        # the reference scores both blocks in one forward (precomputed: both columns)
+        ref = self.reference_logps(batch, self.scored_inputs(batch, self.uses_kl))
         desirable = batch["label"] > 0.5
         weights = (self.beta, self.desirable_weight, self.undesirable_weight)
-        args = (logps[:rows], ref[:rows], desirable)
+        args = (logps, ref[:rows], desirable)
         if self.uses_kl:
-            kl = self.kl_estimate(logps[rows:], ref[rows:])
+            kl_rows = {key: batch[SEQUENCES[1] + key] for key in INPUTS}
+            with torch.no_grad():  # the estimate carries no gradient: keep no activations
+                kl_logps = self.label_logps(kl_rows).sequence_sums(kl_rows)[0]
+            kl = self.kl_estimate(kl_logps, ref[rows:])
             loss, rewards = losses.kto_loss(*args, kl, *weights)
         else:
             loss, rewards = losses.apo_zero_unpaired_loss(*args, *weights)
@@ -108,8 +113,8 @@ class KTOModule(ReferencedModule):
         sums = {
             "rewards/chosen": (rewards * chosen).sum(),
             "rewards/rejected": (rewards * rejected).sum(),
-            "logps/chosen": (logps[:rows].detach() * chosen).sum(),
-            "logps/rejected": (logps[:rows].detach() * rejected).sum(),
+            "logps/chosen": (logps.detach() * chosen).sum(),
+            "logps/rejected": (logps.detach() * rejected).sum(),
         }
         n_chosen, n_rejected = chosen.sum(), rejected.sum()
         counts = {

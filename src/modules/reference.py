@@ -110,8 +110,7 @@ class Reference:
         elif mode == "frozen_copy":
             self.model = _frozen(copy.deepcopy(policy.model))
         elif mode == "separate":
-            model = policy.load_model(self.name_or_path)
-            self.model = _frozen(model if self.dtype is None else model.to(self.dtype))
+            self.model = _frozen(policy.load_model(self.name_or_path, dtype=self.dtype))
 
     def on_fit_start(self) -> None:
         """Shard a separate model or a copy like the policy (FSDP1, FSDP2)."""

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import AutoModelForSequenceClassification
 
 from src.modules.base import CausalLMModule, LossTerms
@@ -40,10 +41,24 @@ class RewardModule(CausalLMModule):
     auto_model = AutoModelForSequenceClassification
     adapter_task = "SEQ_CLS"
     uses_lm_head = False
+    predicts_scores = True  # the data module's predict batches are rows to score
 
     def __init__(self, *args: Any, center_rewards_coefficient: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.center_rewards_coefficient = center_rewards_coefficient
+
+    def on_model_built(self) -> None:
+        tok = self.tokenizer
+        if tok.pad_token_id is not None and tok.pad_token_id == tok.eos_token_id:
+            # transformers pools at the last token that is not the pad id: here the token
+            # before each sequence's final EOS, where this module reads the EOS itself
+            rank_zero_warn(
+                f"the pad token is the EOS token ({tok.pad_token!r}), which ends the sequences: "
+                "this module scores at the last real token, but the export loaded with "
+                "AutoModelForSequenceClassification would score at the token before it. Give "
+                "the tokenizer a pad token of its own (e.g. Llama 3's <|finetune_right_pad_id|>) "
+                "for an export that scores alike"
+            )
 
     def config_overrides(self) -> dict[str, Any]:
         # the pad id lets the export's own pooling find each row's last real token
