@@ -36,6 +36,11 @@ OPTIONAL_PACKAGES = {
     "deepspeed": ("deepspeed", "pip install -e '.[deepspeed]'"),
     "bitsandbytes": ("bitsandbytes", "pip install -e '.[qlora]'"),
     "liger_kernel": ("liger-kernel", "pip install liger-kernel"),
+    "wandb": ("wandb", "pip install -e '.[loggers]'"),
+    "mlflow": ("mlflow", "pip install -e '.[loggers]'"),
+    "swanlab": ("swanlab", "pip install -e '.[loggers]'"),
+    "lm_eval": ("lm-eval", "pip install -e '.[eval]'"),
+    "matplotlib": ("matplotlib", "pip install -e '.[plots]'"),
 }
 
 
