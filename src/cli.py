@@ -27,6 +27,7 @@ from src.callbacks.run_record import RunRecord
 from src.compat import parser_actions, parser_of, subcommand_parsers
 from src.datamodules.base import BaseDataModule
 from src.errors import ConfigError, explain_parse_error, one_line
+from src.loggers import group_metric_names, logger_configs, logger_problem, name_runs, primary
 from src.modules.adapters import qlora_problem
 from src.modules.base import CausalLMModule, liger_problem
 from src.resume import plan_resume, resolve_checkpoint
@@ -63,10 +64,7 @@ DEFAULT_TRAINER = {
     "trainer.num_sanity_val_steps": 0,  # ValidateOnStart logs a full validation at step 0
 }
 DEFAULT_CALLBACKS = [
-    {
-        "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
-        "init_args": {"logging_interval": "step"},
-    },
+    {"class_path": "src.callbacks.LearningRate"},  # train/lr
     {"class_path": "src.callbacks.ValidateOnStart"},
     {"class_path": "src.callbacks.HFExport"},
     {  # train/: tokens/s, samples/s, MFU, peak memory
@@ -151,10 +149,15 @@ class LLMCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is not None:
             check_machine(config, self.save_config_kwargs.get("argv") or [])
-        if config is None or not config.get("ckpt_path"):
+        if config is None:
             return
-        logger = config["trainer"].get("logger")
-        if not logger or "TensorBoardLogger" not in str(logger.get("class_path", "")):
+        loggers = logger_configs(config["trainer"].get("logger"))
+        self._plan_resume(config, primary(loggers))
+        name_runs(loggers)  # the other loggers' runs named after the TensorBoard run
+
+    def _plan_resume(self, config: Namespace, logger: Namespace | None) -> None:
+        """Decide which checkpoint and run directory ``--ckpt_path`` continues."""
+        if not config.get("ckpt_path") or logger is None:
             return
         args = logger["init_args"]
         experiment_dir = Path(args["save_dir"]) / (args.get("name") or "default")
@@ -182,12 +185,15 @@ class LLMCLI(LightningCLI):
         ):
             callbacks = [*callbacks, default_progress_bar()]  # counts steps, not epochs
         try:
-            return super()._instantiate_trainer(config, callbacks)
+            trainer = super()._instantiate_trainer(config, callbacks)
         except ConfigError:
             raise
         except (MisconfigurationException, ValueError, TypeError) as err:
             # a value the parser let through (accelerator, devices...): Lightning's words
             raise ConfigError(f"trainer: {one_line(err)}") from err
+        for logger in trainer.loggers:
+            group_metric_names(logger)
+        return trainer
 
 
 def share_tokenizer(model: Any, datamodule: Any) -> None:
@@ -237,6 +243,10 @@ def check_machine(config: Namespace, argv: list[str]) -> None:
         problem = missing_requirements(what, packages=("deepspeed",))
         if problem:
             raise ConfigError(problem)
+    for logger in logger_configs(trainer.get("logger")):
+        problem = logger_problem(logger["class_path"])
+        if problem:
+            raise ConfigError(f"{problem} (trainer.logger {logger['class_path']})")
     model = config.get("model") or Namespace()
     init = model.get("init_args") or Namespace()
     if init.get("liger_kernels") and (problem := liger_problem()):

@@ -67,6 +67,16 @@ class WandbLogger(LightningWandbLogger):
             **kwargs,
         )
 
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Finish the W&B run with the fit (its summary and config files are written then):
+        a second fit in the same process starts a run of its own instead of continuing it."""
+        super().finalize(status)
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish(exit_code=0 if status in ("success", "finished") else 1)
+
 
 class LocalMLFlowLogger(MLFlowLogger):
     """Lightning's MLflow logger, tracking to ``runs/mlruns`` unless given a server
@@ -149,7 +159,13 @@ class SwanLabLogger(Logger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
+        """Finish the SwanLab run with the fit (the backend leaves a successful one open until
+        the process exits): its file is complete, and a second fit starts a run of its own."""
         self.backend.finalize(status)
+        if status in ("success", "finished"):
+            import swanlab
+
+            swanlab.finish()
 
 
 def require(class_name: str) -> None:
@@ -218,7 +234,7 @@ def name_runs(configs: list[Namespace]) -> None:
         }.get(kind, {})
         unset = ("lightning_logs", None)  # Lightning's default names count as unset
         for key, value in defaults.items():
-            if init.get(key) in unset or (kind == "CSVLogger" and key != "save_dir"):
+            if init.get(key) in unset or kind == "CSVLogger":  # CSV files go in the run
                 init[key] = value
 
 
@@ -278,14 +294,15 @@ def _table(
         logger.log_table(key=tag, columns=columns, data=data, step=step)
     elif isinstance(logger, MLFlowLogger):
         data = {c: [_plain(r.get(c)) for r in rows] for c in columns}
-        logger.experiment.log_table(data, f"{tag}/step_{step}.json", run_id=logger.run_id)
+        logger.experiment.log_table(logger.run_id, data, f"{tag}/step_{step}.json")
     else:
         _text(logger, tag, markdown_table(columns, rows), step)
 
 
 def _file(logger: Logger, path: Path) -> None:
     if isinstance(logger, LightningWandbLogger):
-        logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
+        # under files/<run>/: W&B keeps a config.yaml of its own in files/
+        logger.experiment.save(str(path), base_path=str(path.parent.parent), policy="now")
     elif isinstance(logger, MLFlowLogger):
         logger.experiment.log_artifact(logger.run_id, str(path))
 

@@ -79,11 +79,14 @@ def test_fit_writes_config_events_checkpoints_and_samples(first_run, micro_model
     assert scalars(run_dir, "val/ppl") and scalars(run_dir, "val/token_accuracy")
     for tag in ("train/grad_norm", "train/tokens_seen"):
         assert len(scalars(run_dir, tag)) == 6, tag
-    assert {step for step, _ in scalars(run_dir, "epoch")} >= set(range(6))
+    assert {step for step, _ in scalars(run_dir, "train/epoch")} >= set(range(6))
+    assert len(scalars(run_dir, "train/lr")) == 6
 
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     text_tags = acc.Tags()["tensors"]
+    # every scalar is grouped (train/, val/): none opens TensorBoard ahead of the losses
+    assert all("/" in tag for tag in acc.Tags()["scalars"]), acc.Tags()["scalars"]
     assert any(t.startswith("samples") for t in text_tags)
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {0, 3, 6}

@@ -253,7 +253,7 @@ def test_tensorboard_has_one_hparams_session_of_the_whole_config(recorded_run):
     assert hparams["data.init_args.chat_template"] == "null"
     assert hparams["model.class_path"] == "src.modules.SFTModule"
     assert hparams["data.init_args.train_files"] == "data/demo/sft_train.jsonl"
-    assert json.loads(hparams["trainer.callbacks"])[0]["class_path"].endswith("LearningRateMonitor")
+    assert json.loads(hparams["trainer.callbacks"])[0]["class_path"].endswith("LearningRate")
     assert "val/loss" in tags  # the HPARAMS table's metric column
     hparams_yaml = yaml.safe_load((run_dir / "hparams.yaml").read_text())
     assert hparams_yaml["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.0123

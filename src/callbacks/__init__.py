@@ -1,12 +1,13 @@
 """Callbacks, each importable as ``src.callbacks.<Name>`` (the class path configs use):
 sample generation, validation at step 0, Hugging Face export, predictions to JSON Lines,
 checkpoints (periodic, best, early stopping), throughput and MFU, the divergence guard,
-preemption, progress bars that count steps, and the run record."""
+the learning rate, preemption, progress bars that count steps, and the run record."""
 
 from src.callbacks.checkpoint import BestCheckpoint, EarlyStop, RunCheckpoint
 from src.callbacks.divergence import DivergenceError, DivergenceGuard
 from src.callbacks.generation import SampleGeneration
 from src.callbacks.hf_export import HFExport
+from src.callbacks.learning_rate import LearningRate
 from src.callbacks.prediction_writer import PredictionWriter
 from src.callbacks.preemption import Preemption
 from src.callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
@@ -20,6 +21,7 @@ __all__ = [
     "DivergenceGuard",
     "EarlyStop",
     "HFExport",
+    "LearningRate",
     "PredictionWriter",
     "Preemption",
     "RunCheckpoint",

@@ -10,13 +10,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.functional.text import bleu_score, rouge_score
 
 from src.callbacks.run_dir import run_dir
 from src.datamodules.sft import read_prompts
 from src.generation import Message
+from src.loggers import log_table
 from src.strategies import call_outside_step, parameters_are_sharded
 
 Prompt = str | list[Message]
@@ -202,13 +202,8 @@ class SampleGeneration(pl.Callback):
             pl_module.log(f"val/gen/{name}", value, sync_dist=False, on_step=False, on_epoch=True)
 
     def _write(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
-        table = "| prompt | reference | output |\n|---|---|---|\n" + "\n".join(
-            f"| {_cell(r['prompt'])} | {_cell(r['reference'])} | {_cell(r['output'])} |"
-            for r in rows
-        )
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("samples", table, global_step=trainer.global_step)
+        shown = [{k: r[k] for k in ("prompt", "reference", "output")} for r in rows]
+        log_table(trainer, "samples", shown, trainer.global_step)
         if run_dir(trainer):
             with open(Path(run_dir(trainer)) / "samples.jsonl", "a", encoding="utf-8") as f:
                 for row in rows:
@@ -224,7 +219,3 @@ def _validation_samples(trainer: pl.Trainer, n: int) -> list[Sample]:
     if datamodule is None or not hasattr(datamodule, "sample_prompts"):
         return []
     return list(datamodule.sample_prompts(n))
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from src.callbacks.run_dir import run_dir
 from src.compat import skip_hparams_autolog, write_summary
+from src.loggers import log_file, log_text
 
 RECORD_FILENAME = "run.json"
 UNKNOWN = "unknown"
@@ -65,7 +66,9 @@ class RunRecord(SaveConfigCallback):
     - TensorBoard: the flattened config as the run's hparams (one session per run: Lightning's
       own logging of the module's hparams and its ``hp_metric`` are switched off), and the
       config and record as text (``run/config``, ``run/record``). Other loggers get the
-      flattened config through their ``log_hyperparams``.
+      flattened config through their ``log_hyperparams``, the texts through
+      ``src.loggers.log_text``, and W&B and MLflow ``run.json`` and ``config.yaml`` as
+      artifacts.
 
     ``trainer.enable_autolog_hparams: false`` leaves hparams out; files and text are written.
 
@@ -112,16 +115,20 @@ class RunRecord(SaveConfigCallback):
         log_hparams = getattr(trainer, "enable_autolog_hparams", True)
         flat = flatten_config(config)
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                writer = logger.experiment
-                if log_hparams:
-                    write_summary(writer, session_start_summary(flat))
-                    logger.hparams.update(config)  # hparams.yaml
-                writer.add_text("run/config", as_markdown_code(config_text), 0)
-                writer.add_text("run/record", as_markdown_code(json.dumps(record, indent=2)), 0)
-                writer.flush()
+            if isinstance(logger, TensorBoardLogger) and log_hparams:
+                write_summary(logger.experiment, session_start_summary(flat))
+                logger.hparams.update(config)  # hparams.yaml
             elif log_hparams:
                 logger.log_hyperparams(flat)
+        log_text(trainer, "run/config", as_markdown_code(config_text), 0)
+        log_text(trainer, "run/record", as_markdown_code(json.dumps(record, indent=2)), 0)
+        if directory is not None and "://" not in str(directory):  # W&B and MLflow artifacts
+            for name in (RECORD_FILENAME, self.config_filename):
+                if (Path(directory) / name).exists():
+                    log_file(trainer, Path(directory) / name)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.flush()
 
 
 # ------------------------------------------------------------------------------- the record
