@@ -101,6 +101,11 @@ def test_hf_export_loads_and_generates_with_plain_transformers(first_run):
     _, run_dir = first_run
     hf = run_dir / "hf"
     assert (hf / "model.safetensors").exists()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(hf / "README.md")  # the model card, written with the export
+    assert "SFTModule" in card.data.tags and "- optimizer steps: 6" in card.text
+    assert "| val/loss |" in card.text and "tokens trained on" in card.text
     model = AutoModelForCausalLM.from_pretrained(hf)
     tokenizer = AutoTokenizer.from_pretrained(hf)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"

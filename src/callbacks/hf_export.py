@@ -16,6 +16,8 @@ from src.callbacks.checkpoint import BestCheckpoint
 from src.callbacks.run_dir import run_dir
 from src.checkpoint_io import read_checkpoint, saves_single_file
 from src.datamodules.chat import clear_padding
+from src.errors import one_line
+from src.model_card import push_to_hub, write_model_card
 from src.modules.adapters import add_adapters
 from src.strategies import full_state_dict, model_key, parameters_are_sharded
 
@@ -34,11 +36,29 @@ class HFExport(pl.Callback):
             export, so the module holds those weights after fit. Under sharded strategies
             (FSDP, DeepSpeed) ``hf/`` keeps the final weights, with a warning naming the best
             checkpoint for ``scripts/export.py``.
+        model_card: Write ``README.md`` (``src.model_card``): base model, objective, data
+            and fingerprints, steps and tokens, final metrics, the command to reproduce.
+        license: The card's license (default: the base model's card's, when it is local).
+        push_to_hub: A Hub repository (``user/name``) to upload ``hf/`` to once written
+            (needs a network and ``huggingface-cli login`` or ``HF_TOKEN``).
+        hub_private: Create that repository private.
     """
 
-    def __init__(self, dirname: str = "hf", checkpoint: Literal["last", "best"] = "last") -> None:
+    def __init__(
+        self,
+        dirname: str = "hf",
+        checkpoint: Literal["last", "best"] = "last",
+        model_card: bool = True,
+        license: str | None = None,
+        push_to_hub: str | None = None,
+        hub_private: bool = True,
+    ) -> None:
         self.dirname = dirname
         self.checkpoint = checkpoint
+        self.model_card = model_card
+        self.license = license
+        self.push_to_hub = push_to_hub
+        self.hub_private = hub_private
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.wants_best(trainer) and ranked_checkpoint(trainer) is None:
@@ -60,7 +80,32 @@ class HFExport(pl.Callback):
         state = full_state_dict(trainer, pl_module)  # under FSDP/ZeRO-3 every rank takes part
         if not trainer.is_global_zero or directory is None:
             return
-        export(pl_module, Path(directory) / self.dirname, state)
+        out = Path(directory) / self.dirname
+        export(pl_module, out, state)
+        if self.model_card:
+            self.write_card(trainer, out, Path(directory))
+        if self.push_to_hub:
+            try:
+                url = push_to_hub(out, self.push_to_hub, private=self.hub_private)
+            except Exception as err:  # noqa: BLE001 - the run and its export are kept
+                rank_zero_warn(
+                    f"[export] upload to {self.push_to_hub} failed ({one_line(err)}); retry "
+                    f"with: huggingface-cli upload {self.push_to_hub} {out}"
+                )
+            else:
+                rank_zero_info(f"[export] {out} uploaded to {self.push_to_hub}: {url}")
+
+    def write_card(self, trainer: pl.Trainer, out: Path, directory: Path) -> None:
+        """``README.md`` in ``out`` (and in ``out/merged``), from the final logged metrics."""
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if getattr(v, "numel", int)() == 1
+        }
+        for folder in (out, out / "merged"):
+            if folder.is_dir():
+                write_model_card(folder, directory, metrics, trainer.global_step, self.license)
+        rank_zero_info(f"[export] model card written to {out / 'README.md'}")
 
 
 def export(pl_module: pl.LightningModule, out: Path, state: dict | None = None) -> None:

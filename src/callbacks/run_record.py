@@ -32,8 +32,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from src.callbacks.run_dir import run_dir
 from src.compat import skip_hparams_autolog, write_summary
 from src.loggers import log_file, log_text
+from src.model_card import RECORD_FILENAME
 
-RECORD_FILENAME = "run.json"
 UNKNOWN = "unknown"
 
 # (name in the record, module, distribution): required first, then the optional extras
