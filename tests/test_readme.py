@@ -202,6 +202,11 @@ NOT_INSTANTIATED = {
     "Qwen/Qwen2.5-0.5B-Instruct": "a hub model: needs the hub (tests run offline)",
     "runs/pretrain/version_0/hf": "needs the pretraining stage's export",
     "runs/sft/version_0/hf": "needs the SFT stage's export",
+    # a second logger writes beside the run: each preset runs offline in tests/test_loggers.py
+    **{
+        f"configs/logger/{name}.yaml": "a second logger (run in tests/test_loggers.py)"
+        for name in ("wandb", "mlflow", "swanlab", "csv")
+    },
 }
 # Commands that cannot even be parsed without a run of their own, and why.
 NOT_PARSED = {
