@@ -30,7 +30,7 @@ from tests.test_head import SMALL, assert_same_gradients, sft_batch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 CHUNK = 3
-RTOL = 1e-5
+RTOL = 1e-4  # float32 sums in another order (chunks, threads): 1e-5 flaked on 2 processes
 DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]
 
 
