@@ -215,25 +215,26 @@ def name_runs(configs: list[Namespace]) -> None:
         args["version"] = TensorBoardLogger(save_dir, experiment).version  # lists, creates nothing
     version = args["version"]
     version_name = version if isinstance(version, str) else f"version_{version}"
+    mlflow = {"experiment_name": experiment, "run_name": version_name}
+    names = {  # by logger class name: the settings that name its run
+        "WandbLogger": {"name": f"{experiment}/{version_name}", "project": experiment},
+        "MLFlowLogger": mlflow,
+        "LocalMLFlowLogger": mlflow,
+        "SwanLabLogger": {"project": experiment, "experiment_name": version_name},
+        "CSVLogger": {
+            "save_dir": save_dir,
+            "name": f"{experiment}/{version_name}",
+            "version": CSV_SUBDIR,
+        },
+    }
+    unset = ("lightning_logs", None)  # Lightning's default names count as unset
     for config in configs:
         if config is main:
             continue
         kind = config["class_path"].rpartition(".")[2]
         init = config.get("init_args") or Namespace()
         config["init_args"] = init
-        defaults = {
-            "WandbLogger": {"name": f"{experiment}/{version_name}", "project": experiment},
-            "MLFlowLogger": {"experiment_name": experiment, "run_name": version_name},
-            "LocalMLFlowLogger": {"experiment_name": experiment, "run_name": version_name},
-            "SwanLabLogger": {"project": experiment, "experiment_name": version_name},
-            "CSVLogger": {
-                "save_dir": save_dir,
-                "name": f"{experiment}/{version_name}",
-                "version": CSV_SUBDIR,
-            },
-        }.get(kind, {})
-        unset = ("lightning_logs", None)  # Lightning's default names count as unset
-        for key, value in defaults.items():
+        for key, value in names.get(kind, {}).items():
             if init.get(key) in unset or kind == "CSVLogger":  # CSV files go in the run
                 init[key] = value
 

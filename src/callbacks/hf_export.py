@@ -100,7 +100,7 @@ class HFExport(pl.Callback):
         metrics = {
             k: float(v)
             for k, v in trainer.callback_metrics.items()
-            if getattr(v, "numel", int)() == 1
+            if torch.is_tensor(v) and v.numel() == 1
         }
         for folder in (out, out / "merged"):
             if folder.is_dir():

@@ -103,7 +103,8 @@ class RunRecord(SaveConfigCallback):
         if self.resume is not None and stage == "fit":
             record["resumed_from"] = self.resume.record()
             rank_zero_info(self.resume.message(directory))
-        if directory is not None and "://" not in str(directory):
+        local = directory is not None and "://" not in str(directory)
+        if local:
             path = Path(directory) / RECORD_FILENAME
             path.parent.mkdir(parents=True, exist_ok=True)
             write_record(path, record)
@@ -122,7 +123,7 @@ class RunRecord(SaveConfigCallback):
                 logger.log_hyperparams(flat)
         log_text(trainer, "run/config", as_markdown_code(config_text), 0)
         log_text(trainer, "run/record", as_markdown_code(json.dumps(record, indent=2)), 0)
-        if directory is not None and "://" not in str(directory):  # W&B and MLflow artifacts
+        if local:  # W&B and MLflow artifacts
             for name in (RECORD_FILENAME, self.config_filename):
                 if (Path(directory) / name).exists():
                     log_file(trainer, Path(directory) / name)
