@@ -36,13 +36,15 @@ SMALL = {
 }
 
 
-def assert_same_gradients(lean: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
-    """Every trainable parameter got a gradient on both paths, equal to RTOL of its scale."""
+def assert_same_gradients(
+    lean: dict[str, torch.Tensor], full: dict[str, torch.Tensor], rtol: float = RTOL
+) -> None:
+    """Every trainable parameter got a gradient on both paths, equal to ``rtol`` of its scale."""
     assert lean.keys() == full.keys() and full
     for name, g in full.items():
         scale = g.abs().max().item()
         assert scale > 0, f"{name} got no gradient"
-        torch.testing.assert_close(lean[name], g, rtol=RTOL, atol=RTOL * scale, msg=name)
+        torch.testing.assert_close(lean[name], g, rtol=rtol, atol=rtol * scale, msg=name)
 
 
 def model_dir(tmp_path, config_cls=LlamaConfig, **overrides):
