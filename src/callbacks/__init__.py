@@ -1,13 +1,15 @@
 """Callbacks, each importable as ``src.callbacks.<Name>`` (the class path configs use):
 sample generation, validation at step 0, Hugging Face export, predictions to JSON Lines,
 checkpoints (periodic, best, early stopping), throughput and MFU, the divergence guard,
-the learning rate, preemption, progress bars that count steps, and the run record."""
+the learning rate, preemption, progress bars that count steps, the run record, and
+lm-evaluation-harness benchmarks in the loop."""
 
 from src.callbacks.checkpoint import BestCheckpoint, EarlyStop, RunCheckpoint
 from src.callbacks.divergence import DivergenceError, DivergenceGuard
 from src.callbacks.generation import SampleGeneration
 from src.callbacks.hf_export import HFExport
 from src.callbacks.learning_rate import LearningRate
+from src.callbacks.lm_eval import LMEval
 from src.callbacks.prediction_writer import PredictionWriter
 from src.callbacks.preemption import Preemption
 from src.callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
@@ -21,6 +23,7 @@ __all__ = [
     "DivergenceGuard",
     "EarlyStop",
     "HFExport",
+    "LMEval",
     "LearningRate",
     "PredictionWriter",
     "Preemption",
