@@ -1,4 +1,8 @@
-"""Train, validate, test or predict: ``python train.py fit --config configs/sft.yaml``."""
+"""Train, validate, test or predict: ``python train.py fit --config configs/sft.yaml``.
+
+Search a learning rate or a batch size first (``src/tune.py``):
+``python train.py lr_find --config configs/sft.yaml``, ``python train.py scale_batch_size ...``.
+"""
 
 import sys
 
@@ -8,6 +12,8 @@ from src.callbacks import DivergenceError
 from src.cli import cli_main, close_process_group
 from src.datamodules import DataError
 from src.errors import ConfigError, PathNotFoundError, one_line
+from src.tune import TUNE_COMMANDS
+from src.tune import main as tune_main
 
 # errors worded for the user: shown as one line, not as a traceback
 PREFIXES: dict[type[Exception], str] = {
@@ -33,7 +39,10 @@ def user_error(err: BaseException | None) -> tuple[str, BaseException] | None:
 
 if __name__ == "__main__":
     try:
-        cli_main()
+        if len(sys.argv) > 1 and sys.argv[1] in TUNE_COMMANDS:
+            tune_main(sys.argv[1], sys.argv[2:])
+        else:
+            cli_main()
         close_process_group()
     except Exception as err:
         found = user_error(err)
