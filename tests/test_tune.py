@@ -213,3 +213,11 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "the lr_find plot (lr_find.png) needs the matplotlib package" in printed
     assert "pip install -e '.[plots]'" in printed and "lr_find.json" in printed
+
+
+def test_suggestion_is_the_steepest_fall_against_log_lr():
+    lrs = [10 ** (-8 + 8 * i / 39) for i in range(40)]
+    # steepest at 1e-3 on the log axis; against the rate itself, near the tiny rates
+    losses = [7 - 3 / (1 + math.exp(-3 * (math.log10(lr) + 3))) for lr in lrs]
+    assert 10**-3.2 < tune.suggest(lrs, losses, "exponential") < 10**-2.8
+    assert tune.suggest(lrs[:12], losses[:12], "exponential") is None  # the skips leave 1
