@@ -71,6 +71,7 @@ DEFAULT_CALLBACKS = [
         "class_path": "src.callbacks.Throughput",
         "init_args": {"every_n_steps": 10},
     },
+    {"class_path": "src.callbacks.Diagnosis"},  # what the curves show, at the end of fit
 ]
 
 

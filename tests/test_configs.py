@@ -152,7 +152,7 @@ def test_every_objective_gets_the_shared_defaults_and_its_own_callbacks(name):
     assert (trainer.gradient_clip_val, trainer.num_sanity_val_steps) == (1.0, 0)
     assert (trainer.log_every_n_steps, trainer.check_val_every_n_epoch) == (10, None)
     names = [type(c).__name__ for c in cli.trainer.callbacks]
-    for shared in ("LearningRate", "ValidateOnStart", "HFExport", "Throughput"):
+    for shared in ("LearningRate", "ValidateOnStart", "HFExport", "Throughput", "Diagnosis"):
         assert shared in names, (name, shared)
     own = {"sft.yaml": {"SampleGeneration", "PredictionWriter"}, "dpo.yaml": {"SampleGeneration"}}
     assert own.get(name, set()) <= set(names)

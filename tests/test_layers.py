@@ -17,11 +17,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("src", "src.errors", "src.local_paths", "src.compat", "src.strategies", "src.checkpoint_io"),
     ("src.datamodules",),  # data preparation, the tokenizer loader included
     ("src.generation",),
-    ("src.loggers", "src.model_card"),  # what callbacks and the CLI log and export with
+    ("src.loggers", "src.model_card", "src.diagnose"),  # what callbacks log, export, read back
     ("src.modules",),
     ("src.callbacks",),
     ("src.resume", "src.cli"),
-    ("src.preview",),  # commands built on the CLI
+    ("src.preview", "src.tune"),  # commands built on the CLI
 )
 
 Graph = dict[str, dict[str, int]]  # module -> {imported module: line of the first import}

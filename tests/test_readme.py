@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from src.tune import TUNE_COMMANDS
+from src.tune import parser as tune_parser
 from tests.conftest import ASSETS, ROOT
 
 README = ROOT / "README.md"
@@ -263,7 +265,7 @@ def readme_objectives(tmp_path, monkeypatch):
 
 def test_readme_commands_are_found():
     texts = " ".join(" ".join(c.argv) for c in COMMANDS)
-    for shown in ("fit --config configs/sft.yaml", "predict --config", "test --config"):
+    for shown in ("fit --config configs/sft.yaml", "predict --config", "test --config", "lr_find"):
         assert shown in texts
     for reasons in (NOT_INSTANTIATED, NOT_PARSED):
         for key in reasons:  # an exception no command needs any more is taken out
@@ -282,6 +284,9 @@ def test_readme_command_parses(
     if why := _reason(command, NOT_PARSED):
         pytest.skip(why)
     argv = _in_tmp(command.argv, tmp_path)
+    if argv[0] in TUNE_COMMANDS:  # its own options, then the fit's arguments
+        _, fit_args = tune_parser(argv[0]).parse_known_args(argv[1:])
+        argv = ["fit", *fit_args]
     if "--print_config" in argv:
         with pytest.raises(SystemExit) as printed:
             full_parser.parse_args(argv)

@@ -1,10 +1,11 @@
 """Callbacks, each importable as ``src.callbacks.<Name>`` (the class path configs use):
 sample generation, validation at step 0, Hugging Face export, predictions to JSON Lines,
 checkpoints (periodic, best, early stopping), throughput and MFU, the divergence guard,
-the learning rate, preemption, progress bars that count steps, the run record, and
-lm-evaluation-harness benchmarks in the loop."""
+the learning rate, preemption, progress bars that count steps, the run record,
+lm-evaluation-harness benchmarks in the loop, and the diagnosis of the curves."""
 
 from src.callbacks.checkpoint import BestCheckpoint, EarlyStop, RunCheckpoint
+from src.callbacks.diagnosis import Diagnosis
 from src.callbacks.divergence import DivergenceError, DivergenceGuard
 from src.callbacks.generation import SampleGeneration
 from src.callbacks.hf_export import HFExport
@@ -19,6 +20,7 @@ from src.callbacks.validate_on_start import ValidateOnStart
 
 __all__ = [
     "BestCheckpoint",
+    "Diagnosis",
     "DivergenceError",
     "DivergenceGuard",
     "EarlyStop",
