@@ -46,7 +46,10 @@ preview: $(STAMP) ## Data statistics and examples with the trained tokens marked
 check-template: $(STAMP) ## Probe the chat template of CONFIG's tokenizer; fails on a wrong mask
 	$(BIN)/python -m src.preview --check-template --config $(CONFIG) $(ARGS)
 
-test: $(STAMP) ## Run the whole test suite (TEST_JOBS=2 processes, a test file each)
+test: $(STAMP) ## Run the test suite but the heavy runs (TEST_JOBS=2 processes, a test file each)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not heavy" $(ARGS)
+
+test-all: $(STAMP) ## Run every test, the heavy runs too (DeepSpeed, FSDP1, benchmark smokes)
 	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 test-fast: $(STAMP) ## Run the tests that take seconds (no end-to-end runs)

@@ -37,6 +37,7 @@ def run_bench(script: str, *args: str, tmp_path) -> tuple[str, dict]:
     return proc.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.heavy
 def test_train_bench_smoke(tmp_path):
     stdout, results = run_bench(
         "train.py",
@@ -75,6 +76,7 @@ def test_train_bench_smoke(tmp_path):
     assert set(results["targets_met"]) == {"ratio_1_0", "overhead_5pct"}
 
 
+@pytest.mark.heavy
 def test_dpo_bench_smoke(tmp_path):
     stdout, results = run_bench(
         "dpo.py",
@@ -110,6 +112,7 @@ def test_dpo_bench_smoke(tmp_path):
     assert memory["ratio_peak"] > 0
 
 
+@pytest.mark.heavy
 def test_memory_bench_smoke(tmp_path):
     stdout, results = run_bench("memory.py", "--smoke", tmp_path=tmp_path)
     cells = r" \| [\d.]+ \| [\d.]+ \| [\d.]+x"  # full, lean, lean/full

@@ -41,8 +41,10 @@ FSDP = (
     "init_args: {sharding_strategy: FULL_SHARD, state_dict_type: sharded}}"
 )
 FSDP2 = "{class_path: src.strategies.LayerFSDP2Strategy}"
+# FSDP1, kept for one release, runs with make test-all
 SHARDED = pytest.mark.parametrize(
-    "strategy", [pytest.param(FSDP, id="fsdp1"), pytest.param(FSDP2, id="fsdp2")]
+    "strategy",
+    [pytest.param(FSDP, id="fsdp1", marks=pytest.mark.heavy), pytest.param(FSDP2, id="fsdp2")],
 )
 
 

@@ -21,7 +21,7 @@ from tests.test_ddp import (  # noqa: F401 (fixtures among them)
     sft_single,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 # ---------------------------------------------------------------------------------- DeepSpeed
 

@@ -265,7 +265,9 @@ def test_fit_end_evaluates_the_final_weights_when_no_validation_did(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2"])
+@pytest.mark.parametrize(
+    "strategy", ["ddp", pytest.param("fsdp1", marks=pytest.mark.heavy), "fsdp2"]
+)
 def test_two_processes_score_as_one(strategy, tmp_path, single, saved_model_dir, sft_files, tasks):
     """DDP splits the documents over the processes and gathers them; FSDP runs every document
     on both (each forward a collective, generation in lockstep). Either way the scores of the
