@@ -204,6 +204,7 @@ def test_dpo_two_processes_match_one(tmp_path, saved_model_dir, dpo_data, dpo_si
     assert_same_training(dpo_single, double)
 
 
+@pytest.mark.heavy
 def test_reward_model_two_sharded_processes_match_one(tmp_path, saved_model_dir, dpo_data):
     """The reward model's head and pair losses under FSDP2 on 2 processes (each with 2 of the
     4 pairs, one with a margin) train as one plain process with all 4."""
@@ -252,6 +253,7 @@ def teacher_dir(tmp_path_factory, micro_model_dir) -> Path:
     return path
 
 
+@pytest.mark.heavy
 def test_distillation_two_sharded_processes_match_one(
     tmp_path, saved_model_dir, teacher_dir, sft_data
 ):

@@ -72,6 +72,7 @@ def test_sharded_sft_matches_one_process_and_resumes_exactly(
         assert torch.equal(exported[name], value), name
 
 
+@pytest.mark.heavy
 def test_fsdp2_checkpoint_resumes_on_another_process_count(
     tmp_path_factory, saved_model_dir, sft_data, sft_single
 ):
@@ -169,6 +170,7 @@ def test_sharded_predict_with_an_odd_number_of_prompts(strategy, tmp_path, saved
     assert all(isinstance(p["output"], str) for p in predictions)
 
 
+@pytest.mark.heavy
 def test_fsdp2_preset_settings_train(tmp_path, saved_model_dir, sft_data, sft_single):
     """The shipped preset's settings (bf16 compute over float32 shards, float32 reduction,
     each layer recomputed in backward) with CPU offload: 2 processes train, within bf16's
