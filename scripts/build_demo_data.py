@@ -12,6 +12,8 @@ Every file is JSON Lines (one UTF-8 object a line) and is fully determined by ``
   is a plausible wrong answer (sum off by a little, two numbers swapped, ...).
 * ``kto_{train,val}.jsonl``        ``{"prompt", "completion", "label"}`` unpaired rows (KTO):
   each preference pair as two consecutive rows, chosen with ``label`` true, rejected false.
+* ``grpo_{train,val}.jsonl``       ``{"prompt", "answer", "task"}`` prompts for online RL:
+  additions and word counts, none of them in a validation file or in SFT's training file.
 
 The tasks are tiny and learnable by a few-million-parameter model in minutes on a CPU:
 reverse words, sort numbers, add two numbers, uppercase a phrase, first / last word or
@@ -473,6 +475,16 @@ BUILDERS: dict[str, Callable[[random.Random, Sampler, int], Iterator[dict]]] = {
 }
 
 
+GRPO_TASKS = ["add", "count"]  # answers a program checks exactly
+
+
+def grpo_rows(rng: random.Random, sampler: Sampler, n: int) -> Iterator[dict]:
+    for task in task_cycle(rng, GRPO_TASKS, n):
+        problem = sampler.draw(task)
+        prompt = [{"role": "user", "content": problem.prompt}]
+        yield {"prompt": prompt, "answer": problem.answer, "task": task}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
@@ -501,6 +513,8 @@ def parse_args() -> argparse.Namespace:
         default=0.5,
         help="rows of alpaca / pretrain / preference files, as a fraction of the SFT counts",
     )
+    parser.add_argument("--n-grpo-train", type=int, default=2000, help="GRPO train prompts")
+    parser.add_argument("--n-grpo-val", type=int, default=100, help="GRPO val prompts")
     return parser.parse_args()
 
 
@@ -514,9 +528,16 @@ def main() -> None:
         n = sizes["val"] if name == "sft" else round(sizes["val"] * args.other_fraction)
         splits[name, "val"], seen = build_split(name, "val", n, args.seed, set())
         val_keys |= seen
+    used = set(val_keys)  # GRPO's prompts are new to every validation file and to SFT
     for name in BUILDERS:
         n = sizes["train"] if name == "sft" else round(sizes["train"] * args.other_fraction)
-        splits[name, "train"], _ = build_split(name, "train", n, args.seed, val_keys)
+        splits[name, "train"], seen = build_split(name, "train", n, args.seed, val_keys)
+        used |= seen if name == "sft" else set()
+    # drawn last, so the other files stay as they were
+    rng = random.Random(f"{args.seed}:grpo")
+    sampler = Sampler(rng, used)
+    for split, n in (("val", args.n_grpo_val), ("train", args.n_grpo_train)):
+        splits["grpo", split] = list(grpo_rows(rng, sampler, n))
     for split in ("train", "val"):
         splits["kto", split] = list(unpaired_rows(splits["preference", split]))
     total = 0

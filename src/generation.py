@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from src.datamodules.chat import clear_padding, generation_stop_ids, missing_bos
+from src.datamodules.chat import clear_padding, generation_stop_ids, prompt_texts
 
 Message = dict[str, Any]
 
@@ -28,12 +28,7 @@ def generate(
     ``synced_gpus`` keeps every rank stepping until all are done, for sharded models whose
     forward passes are collectives. ``top_p`` (nucleus sampling) applies with ``do_sample``.
     """
-    texts = [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    # the same BOS rule as the training rows (see ChatEncoder.encode)
-    texts = [t if missing_bos(tokenizer, t) is None else tokenizer.bos_token + t for t in texts]
+    texts = prompt_texts(tokenizer, prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -42,22 +37,52 @@ def generate(
         tokenizer.padding_side = side
         clear_padding(tokenizer)  # the shared tokenizer goes back to encoding unpadded
     enc = enc.to(model.device)
+    new_tokens = generate_ids(
+        model,
+        enc["input_ids"],
+        enc["attention_mask"],
+        max_new_tokens,
+        tokenizer.pad_token_id,
+        generation_stop_ids(tokenizer),
+        do_sample,
+        temperature,
+        top_p,
+        synced_gpus,
+    )
+    return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_ids(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    pad_token_id: int,
+    stop_ids: list[int],
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    synced_gpus: bool = False,
+) -> torch.Tensor:
+    """The new tokens ``(rows, <= max_new_tokens)`` after left-padded prompts, in eval mode
+    (no dropout); a row that stopped early is padded with ``pad_token_id`` after its stop."""
     was_training = model.training
     model.eval()
     try:
         out = model.generate(
-            **enc,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature if do_sample else None,
             top_p=top_p if do_sample else None,
             top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=generation_stop_ids(tokenizer),
+            pad_token_id=pad_token_id,
+            eos_token_id=stop_ids,
             use_cache=True,
             synced_gpus=synced_gpus,
         )
     finally:
         model.train(was_training)
-    new_tokens = out[:, enc["input_ids"].shape[1] :]
-    return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return out[:, input_ids.shape[1] :]

@@ -4,6 +4,7 @@ from src.datamodules.base import BaseDataModule
 from src.datamodules.filters import Filters
 from src.datamodules.preference import PreferenceDataModule
 from src.datamodules.pretrain import PretrainDataModule
+from src.datamodules.prompts import PromptDataModule
 from src.datamodules.records import DataError
 from src.datamodules.sft import SFTDataModule
 from src.datamodules.sources import Source
@@ -15,6 +16,7 @@ __all__ = [
     "Filters",
     "PreferenceDataModule",
     "PretrainDataModule",
+    "PromptDataModule",
     "SFTDataModule",
     "Source",
     "UnpairedPreferenceDataModule",

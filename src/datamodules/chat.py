@@ -393,6 +393,16 @@ def missing_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
     return None if bos is None or text.startswith(tokenizer.bos_token) else bos
 
 
+def prompt_texts(tokenizer: PreTrainedTokenizerBase, prompts: list[list[Message]]) -> list[str]:
+    """Each prompt rendered by the chat template with the generation prompt, and the BOS the
+    training rows get where the template writes none (see ``ChatEncoder.encode``)."""
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    return [t if missing_bos(tokenizer, t) is None else tokenizer.bos_token + t for t in texts]
+
+
 def prompt_messages(messages: list[Message]) -> list[Message]:
     """The conversation up to (not including) its last assistant turn: a generation prompt."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)

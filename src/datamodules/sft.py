@@ -157,12 +157,18 @@ def read_prompts(files: str | list[str] | list[Source], fmt: str = "auto") -> li
     rows = []
     for i, source in enumerate(sources):
         for record in source.records(i):
-            record, name = _prompt_alone(record, source.format or fmt)
-            prompt, reference = _prompt_and_reference(to_chat(record, name)["messages"])
+            prompt, reference = prompt_and_reference(record, source.format or fmt)
             rows.append((prompt, reference, record.row.get("id")))
     if not rows:
         raise DataError(f"no prompts in {', '.join(s.path for s in sources) or 'no file'}")
     return rows
+
+
+def prompt_and_reference(record: Record, fmt: str = "auto") -> tuple[list[Message], str]:
+    """A row's prompt messages and its reference answer (a final assistant turn, else "");
+    a row may hold a ``prompt`` alone (a string or messages)."""
+    record, name = _prompt_alone(record, fmt)
+    return _prompt_and_reference(to_chat(record, name)["messages"])
 
 
 def _prompt_alone(record: Record, fmt: str) -> tuple[Record, str]:

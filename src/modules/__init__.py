@@ -4,6 +4,7 @@ from src.modules.adapters import LoraSettings
 from src.modules.base import CausalLMModule, LossTerms
 from src.modules.distill import DistillationModule
 from src.modules.dpo import DPOModule
+from src.modules.grpo import GRPOModule
 from src.modules.kto import KTOModule
 from src.modules.pretrain import PretrainModule
 from src.modules.reward import RewardModule
@@ -13,6 +14,7 @@ __all__ = [
     "CausalLMModule",
     "DPOModule",
     "DistillationModule",
+    "GRPOModule",
     "KTOModule",
     "LoraSettings",
     "LossTerms",

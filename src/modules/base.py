@@ -78,7 +78,7 @@ class LossTerms:
     desirable rows for ``rewards/chosen``); either way over the whole step or evaluation.
     """
 
-    loss_sum: torch.Tensor
+    loss_sum: torch.Tensor | None  # None: no loss (an evaluation that only measures)
     count: torch.Tensor
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -414,7 +414,12 @@ class CausalLMModule(pl.LightningModule):
             move_data_position(checkpoint, trainer.world_size)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        _accumulate(self._eval_sums, self.loss_terms(batch))
+        _accumulate(self._eval_sums, self.eval_terms(batch))
+
+    def eval_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
+        """What evaluation measures of a batch: the objective's terms, unless a subclass
+        measures something else (GRPO scores greedy completions)."""
+        return self.loss_terms(batch)
 
     test_step = validation_step
 
@@ -525,7 +530,8 @@ class CausalLMModule(pl.LightningModule):
 
 def _accumulate(store: dict[str, torch.Tensor], terms: LossTerms) -> None:
     own_counts = {key + COUNT_SUFFIX: n for key, n in terms.counts.items()}
-    values = {"loss": terms.loss_sum, "count": terms.count, **terms.sums, **own_counts}
+    loss = {} if terms.loss_sum is None else {"loss": terms.loss_sum}
+    values = {**loss, "count": terms.count, **terms.sums, **own_counts}
     for key, value in values.items():
         value = value.detach().float().clone()  # never an alias of the objective's tensors
         store[key] = store[key] + value if key in store else value

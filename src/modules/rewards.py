@@ -202,6 +202,12 @@ class RewardSet:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The total reward per completion, and each function's ``(functions, completions)``
         (NaN for None)."""
+        clash = sorted(set(fields) & {"prompts", "completions"})
+        if clash:
+            raise RewardError(
+                f"the rows have a column named {clash[0]!r}, the name of a reward function's "
+                "argument: rename it with data.columns"
+            )
         per_function = torch.full((len(self.functions), len(completions)), math.nan)
         for i, (name, function) in enumerate(zip(self.names, self.functions, strict=True)):
             try:
