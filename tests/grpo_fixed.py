@@ -38,3 +38,16 @@ class FixedCompletionsGRPO(GRPOModule):
 def letter_e(prompts: list[str], completions: list[str], **fields: Any) -> list[float]:
     """A reward that random text earns unevenly: its share of the letter e."""
     return [c.count("e") / max(1, len(c)) for c in completions]
+
+
+class UnevenLengthsGRPO(GRPOModule):
+    """GRPO whose rank 0 samples at most 2 tokens and the other ranks ``max_new_tokens``: the
+    ranks finish decoding at different steps, as real completions do."""
+
+    def sample_completions(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        limit = self.max_new_tokens
+        self.max_new_tokens = 2 if self.trainer.global_rank == 0 else limit
+        try:
+            return super().sample_completions(*args, **kwargs)
+        finally:
+            self.max_new_tokens = limit

@@ -243,7 +243,7 @@ class GRPOModule(ReferencedModule):
         if self.reference is not None:
             with self.reference.scoring() as model:
                 ref = self.token_stats(inputs, model)[:, 0]
-        sums, counts = self._reward_metrics(total, per_function, advantages, lengths)
+        sums, counts = self._reward_metrics(total, per_function, lengths)
         self._log_completions(micro, prompts, completions, total, advantages.advantages)
         return Rollout(
             batch["prompt_ids"],
@@ -322,7 +322,6 @@ class GRPOModule(ReferencedModule):
         self,
         total: torch.Tensor,
         per_function: torch.Tensor,
-        advantages: Any,
         lengths: torch.Tensor,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Sums and counts of the reward metrics: per completion, per group, per function."""
@@ -330,11 +329,11 @@ class GRPOModule(ReferencedModule):
         scored = ~torch.isnan(total)
         n = torch.tensor(float(len(total)))
         groups = torch.tensor(float(len(total) // g))
-        group_std = advantages.std[::g]
+        within = group_advantages(total, g, "none")  # each group's own std, whatever the scale
         sums = {
             "reward": torch.nansum(total),
-            "reward_std": torch.nan_to_num(group_std).sum(),
-            "frac_reward_zero_std": advantages.zero_std[::g].float().sum(),
+            "reward_std": torch.nan_to_num(within.std[::g]).sum(),
+            "frac_reward_zero_std": within.zero_std[::g].float().sum(),
             "completion_length": lengths.float().sum(),
             "completions_truncated": (lengths >= self.max_new_tokens).float().sum(),
         }
