@@ -36,6 +36,7 @@ DIAGNOSIS_FILENAME = "diagnosis.md"
 # ------------------------------------------------------------------------------ thresholds
 # Fewer logged training losses than this say nothing about a trend.
 MIN_POINTS = 5
+ZERO_STD_HIGH = 0.5  # groups with equal rewards above which the run learns from few of them
 # The start and end levels of a curve are medians over its first and last fifth (at most
 # EDGE_MAX_POINTS values): one noisy batch must not decide the verdict.
 EDGE_FRACTION = 0.2
@@ -150,6 +151,9 @@ class Curves:
     lr: Series = field(default_factory=Series)
     epoch: Series = field(default_factory=Series)
     skipped_steps: Series = field(default_factory=Series)
+    train_reward: Series = field(default_factory=Series)  # a reward-maximising run's (GRPO)
+    val_reward: Series = field(default_factory=Series)
+    zero_std: Series = field(default_factory=Series)  # share of groups with equal rewards
     checkpoints: tuple[str, ...] = ()  # file names under checkpoints/
     settings: Settings = field(default_factory=Settings)
     stopped: str | None = None  # why the fit ended early, when it did (a divergence)
@@ -174,6 +178,9 @@ class Curves:
             lr=Series.of(scalars.get(lr_tag(scalars))),
             epoch=Series.of(scalars.get("train/epoch") or scalars.get("epoch")),
             skipped_steps=Series.of(scalars.get("train/skipped_steps")),
+            train_reward=Series.of(scalars.get("train/reward")),
+            val_reward=Series.of(scalars.get("val/reward")),
+            zero_std=Series.of(scalars.get("train/frac_reward_zero_std")),
             checkpoints=tuple(checkpoints),
             settings=settings or Settings(),
             stopped=stopped,
@@ -197,7 +204,7 @@ class Finding:
 
     Attributes:
         kind: ``diverging``, ``spikes``, ``flat``, ``slow``, ``overfitting``, ``start_gap``,
-            ``padding``, ``too_short`` or ``healthy``.
+            ``padding``, ``too_short``, ``healthy`` or ``reward`` (a reward-maximising run).
         severity: ``problem``, ``warning``, ``note`` or ``ok``.
         title: A heading.
         message: What the curves show, in plain words, with the numbers.
@@ -219,6 +226,8 @@ class Finding:
 def diagnose(curves: Curves) -> list[Finding]:
     """What ``curves`` show, the most serious first; a healthy run says so."""
     findings: list[Finding] = []
+    if len(curves.train_reward.finite()):
+        return [_reward_run(curves)]  # a policy-gradient loss is no learning curve
     train = curves.train_loss
     if len(train.finite()) < MIN_POINTS:
         findings.append(_too_short(curves))
@@ -712,6 +721,58 @@ def _healthy(curves: Curves) -> Finding:
     return Finding("healthy", "ok", "The run looks healthy", message + ".", evidence, tuple(advice))
 
 
+def _reward_run(curves: Curves) -> Finding:
+    """A run that maximises a reward (GRPO): its loss is a surrogate whose value stays near 0
+    whatever is learnt, so the reward is read instead."""
+    evidence: dict[str, Any] = {}
+    parts = [
+        "This run maximises a reward: its loss is a policy-gradient surrogate near 0 whatever "
+        "is learnt, so the loss curve is not diagnosed and the reward is read instead"
+    ]
+    val, train = curves.val_reward.finite(), curves.train_reward.finite()
+    rose = None
+    if len(val) >= 2:
+        best = max(range(len(val)), key=lambda i: val.values[i])
+        evidence.update(val_start=val.values[0], val_end=val.values[-1], val_best=val.values[best])
+        rose = val.values[-1] > val.values[0]
+        parts.append(
+            f"the validation reward went from {_n(val.values[0])} (step {val.steps[0]}) to "
+            f"{_n(val.values[-1])} (step {val.steps[-1]}), its best {_n(val.values[best])} at "
+            f"step {val.steps[best]}"
+        )
+    if len(train) >= 2:
+        k = _edge(len(train))
+        start, end = median(train.values[:k]), median(train.values[-k:])
+        evidence.update(train_start=start, train_end=end)
+        rose = end > start if rose is None else rose
+        parts.append(f"the training reward went from {_n(start)} to {_n(end)} (medians)")
+    advice: list[str] = []
+    zero = curves.zero_std.finite()
+    if len(zero):
+        share = median(zero.values)
+        evidence["zero_std"] = share
+        if share > ZERO_STD_HIGH:
+            parts.append(
+                f"in {share:.0%} of the groups (median) every completion got the same reward, "
+                "and such a group has advantage 0: it teaches nothing"
+            )
+            advice.append(
+                "Give the groups more spread: more completions per prompt "
+                "(`--model.init_args.num_generations`), a higher sampling temperature "
+                "(`--model.init_args.temperature`), or prompts of the difficulty the model "
+                "gets right some of the time."
+            )
+    if rose is False:
+        advice.append(
+            "The reward did not rise: check the reward functions on a few completions (the "
+            "`completions` table in TensorBoard), then the learning rate."
+        )
+    severity, title = ("ok", "The reward rose") if rose else ("warning", "The reward did not rise")
+    if rose is None:
+        severity, title = "note", "Too few reward values to say how it went"
+    return Finding("reward", severity, title, "; ".join(parts) + ".", evidence, tuple(advice))
+
+
 # --------------------------------------------------------------------------------- advice
 
 
@@ -767,7 +828,7 @@ def _lr(value: float | None) -> str:
 
 def render_markdown(findings: list[Finding], curves: Curves, run: str | Path | None = None) -> str:
     """The diagnosis as Markdown (for ``diagnosis.md``, the terminal and TensorBoard)."""
-    train, val = curves.train_loss, curves.val_loss
+    train, val = curves.train_loss, curves.val_loss if len(curves.val_loss) else curves.val_reward
     lines = [f"# Diagnosis of {run}" if run else "# Diagnosis", ""]
     facts = []
     if len(train):

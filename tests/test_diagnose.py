@@ -155,6 +155,26 @@ def test_a_loss_falling_at_a_steady_pace_is_a_rate_too_low():
     }
 
 
+def test_a_reward_run_is_read_by_its_reward_not_its_surrogate_loss():
+    """GRPO's loss hovers around 0 and "rises" from a negative start (the demo's did): it is
+    no learning curve, and the diagnosis reads the rewards instead; groups that all got the
+    same reward are named as the reason a run learns little."""
+    loss = curve(noisy([-0.002 + 0.00002 * i for i in range(100)], 0.5), every=10)
+    reward = curve(noisy([0.2 + 0.004 * i for i in range(100)]), every=10)
+    rising = {"train/loss": loss, "train/reward": reward,
+              "val/reward": [(0, 0.48), (499, 0.55), (999, 0.61)],
+              "train/frac_reward_zero_std": curve([0.8] * 100, every=10)}  # fmt: skip
+    (found,) = diagnose(Curves.of(rising, settings=SETTINGS))
+    assert (found.kind, found.severity, found.title) == ("reward", "ok", "The reward rose")
+    assert "from 0.48 (step 0) to 0.61 (step 999)" in found.message
+    assert found.evidence["zero_std"] == 0.8 and "num_generations" in found.advice[0]
+    assert kinds(Curves.of({"train/loss": loss}, settings=SETTINGS)).get("diverging")  # as loss
+    falling = dict(rising, **{"val/reward": [(0, 0.5), (999, 0.4)]})
+    (found,) = diagnose(Curves.of(falling, settings=SETTINGS))
+    assert (found.severity, found.title) == ("warning", "The reward did not rise")
+    assert "completions" in found.advice[-1]
+
+
 def test_a_rising_validation_loss_is_over_fitting_with_the_best_checkpoint():
     # validations after 100, 200, ... optimizer steps are logged at 99, 199, ...
     val = [(0, 7.0), (99, 3.0), (199, 2.5), (299, 2.7), (399, 2.9)]
@@ -239,7 +259,8 @@ def test_the_command_says_when_a_directory_holds_no_run(tmp_path, capsys):
 
 
 def fit_with_lr(tmp_path, micro_model_dir, lr: str) -> str:
-    """The SFT config on the micro model for 40 steps at learning rate ``lr``."""
+    """The SFT config on the micro model for 40 steps at learning rate ``lr``, the Diagnosis
+    callback its only one (no sample generation: the seconds go to the curves)."""
     rows = [conversation(f"What is {a} + {b}?", str(a + b)) for a in range(8) for b in range(8)]
     data = write_jsonl(tmp_path / "sums.jsonl", rows)
     result = subprocess.run(
@@ -247,6 +268,7 @@ def fit_with_lr(tmp_path, micro_model_dir, lr: str) -> str:
          "--trainer.accelerator", "cpu", "--trainer.max_steps", "40",
          "--trainer.val_check_interval", "20", "--trainer.log_every_n_steps", "1",
          "--trainer.enable_progress_bar", "false",
+         "--trainer.callbacks", "[{class_path: src.callbacks.Diagnosis}]",  # no generation
          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
          "--model.init_args.model_name_or_path", str(micro_model_dir),
          "--model.init_args.optimizer.init_args.lr", lr, "--model.init_args.warmup", "0",
