@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,29 @@ from tests.conftest import ROOT, conversation, write_jsonl
 pytestmark = pytest.mark.slow
 
 
+VAL_ROWS = 8  # validation conversations of the tests' fits: sample generation's prompts
+
+
+def small_val_file() -> Path:
+    """The first ``VAL_ROWS`` rows of the demo's validation file (written once, under the
+    ignored .cache/): sample generation then completes 8 prompts per validation, not 64."""
+    path = ROOT / ".cache" / "tests" / f"sft_val_{VAL_ROWS}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = (ROOT / "data" / "demo" / "sft_val.jsonl").read_text(encoding="utf-8")
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text("".join(rows.splitlines(keepends=True)[:VAL_ROWS]), encoding="utf-8")
+        partial.replace(path)  # whole or not there, whichever test process writes it
+    return path
+
+
 def fit_args(runs: Path, model_dir: Path, max_steps: int, *extra: str) -> list[str]:
     return [
         "fit",
         "--config",
         str(ROOT / "configs" / "sft.yaml"),
+        "--data.init_args.val_files",
+        str(small_val_file()),
         "--trainer.logger.init_args.save_dir",
         str(runs),
         "--trainer.max_steps",
