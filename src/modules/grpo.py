@@ -227,11 +227,7 @@ class GRPOModule(ReferencedModule):
         lengths = _completion_lengths(completion_ids, self.stop_ids)
         self._generated[0] += int(lengths.sum())
         self._generated[1] += time.perf_counter() - started
-        texts = self.tokenizer.batch_decode(
-            [ids[:n] for ids, n in zip(completion_ids.tolist(), lengths.tolist(), strict=True)],
-            skip_special_tokens=True,
-        )
-        completions = [t.strip() for t in texts]
+        completions = self._decode(completion_ids, lengths)
         total, per_function = self.rewards(prompts, completions, _columns(row_fields))
         advantages = group_advantages(total, g, self.scale_rewards)
         inputs = _sequences(
@@ -326,28 +322,39 @@ class GRPOModule(ReferencedModule):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Sums and counts of the reward metrics: per completion, per group, per function."""
         g = self.num_generations
-        scored = ~torch.isnan(total)
         n = torch.tensor(float(len(total)))
         groups = torch.tensor(float(len(total) // g))
         within = group_advantages(total, g, "none")  # each group's own std, whatever the scale
-        sums = {
-            "reward": torch.nansum(total),
+        sums, counts = self._reward_sums(total, per_function)
+        sums |= {
             "reward_std": torch.nan_to_num(within.std[::g]).sum(),
             "frac_reward_zero_std": within.zero_std[::g].float().sum(),
             "completion_length": lengths.float().sum(),
             "completions_truncated": (lengths >= self.max_new_tokens).float().sum(),
         }
-        counts = {
-            "reward": scored.float().sum(),
+        counts |= {
             "reward_std": groups,
             "frac_reward_zero_std": groups,
             "completion_length": n,
             "completions_truncated": n,
         }
+        return sums, counts
+
+    def _reward_sums(
+        self, total: torch.Tensor, per_function: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The reward and each function's, summed over the rows that have one, and counted."""
+        sums = {"reward": torch.nansum(total)}
+        counts = {"reward": (~torch.isnan(total)).float().sum()}
         for key, values in zip(self.reward_keys, per_function, strict=True):
             sums[f"rewards/{key}"] = torch.nansum(values)
             counts[f"rewards/{key}"] = (~torch.isnan(values)).float().sum()
         return sums, counts
+
+    def _decode(self, completion_ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """Each completion's text through its stop token, stripped, special tokens left out."""
+        rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), lengths.tolist(), strict=True)]
+        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     def _log_completions(
         self,
@@ -396,19 +403,14 @@ class GRPOModule(ReferencedModule):
             and self.trainer.world_size > 1,
         )
         lengths = _completion_lengths(completion_ids, self.stop_ids)
-        texts = self.tokenizer.batch_decode(
-            [ids[:n] for ids, n in zip(completion_ids.tolist(), lengths.tolist(), strict=True)],
-            skip_special_tokens=True,
-        )
         total, per_function = self.rewards(
-            list(batch["prompts"]), [t.strip() for t in texts], _columns(batch["fields"])
+            list(batch["prompts"]),
+            self._decode(completion_ids, lengths),
+            _columns(batch["fields"]),
         )
         n = torch.tensor(float(len(total)), device=self.device)
-        sums = {"reward": torch.nansum(total), "completion_length": lengths.float().sum()}
-        counts = {"reward": (~torch.isnan(total)).float().sum()}
-        for key, values in zip(self.reward_keys, per_function, strict=True):
-            sums[f"rewards/{key}"] = torch.nansum(values)
-            counts[f"rewards/{key}"] = (~torch.isnan(values)).float().sum()
+        sums, counts = self._reward_sums(total, per_function)
+        sums["completion_length"] = lengths.float().sum()
         to = self.device
         sums = {k: v.to(to) for k, v in sums.items()}
         counts = {k: v.to(to) for k, v in counts.items()}
