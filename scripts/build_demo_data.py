@@ -13,7 +13,8 @@ Every file is JSON Lines (one UTF-8 object a line) and is fully determined by ``
 * ``kto_{train,val}.jsonl``        ``{"prompt", "completion", "label"}`` unpaired rows (KTO):
   each preference pair as two consecutive rows, chosen with ``label`` true, rejected false.
 * ``grpo_{train,val}.jsonl``       ``{"prompt", "answer", "task"}`` prompts for online RL:
-  additions and word counts, none of them in a validation file or in SFT's training file.
+  additions, word counts, first / last words, reversals and uppercasing (answers a program
+  checks exactly), none of them in a validation file or in SFT's training file.
 
 The tasks are tiny and learnable by a few-million-parameter model in minutes on a CPU:
 reverse words, sort numbers, add two numbers, uppercase a phrase, first / last word or
@@ -475,7 +476,9 @@ BUILDERS: dict[str, Callable[[random.Random, Sampler, int], Iterator[dict]]] = {
 }
 
 
-GRPO_TASKS = ["add", "count"]  # answers a program checks exactly
+# answers a program checks exactly; sorting is left out: the SFT demo's model never sorts
+# right, even in 16 samples, so its groups would carry no signal
+GRPO_TASKS = ["add", "count", "first", "last", "reverse", "upper"]
 
 
 def grpo_rows(rng: random.Random, sampler: Sampler, n: int) -> Iterator[dict]:
@@ -514,7 +517,7 @@ def parse_args() -> argparse.Namespace:
         help="rows of alpaca / pretrain / preference files, as a fraction of the SFT counts",
     )
     parser.add_argument("--n-grpo-train", type=int, default=2000, help="GRPO train prompts")
-    parser.add_argument("--n-grpo-val", type=int, default=100, help="GRPO val prompts")
+    parser.add_argument("--n-grpo-val", type=int, default=240, help="GRPO val prompts")
     return parser.parse_args()
 
 

@@ -24,17 +24,23 @@ pytestmark = pytest.mark.slow
 VAL_ROWS = 8  # validation conversations of the tests' fits: sample generation's prompts
 
 
-def small_val_file() -> Path:
-    """The first ``VAL_ROWS`` rows of the demo's validation file (written once, under the
-    ignored .cache/): sample generation then completes 8 prompts per validation, not 64."""
-    path = ROOT / ".cache" / "tests" / f"sft_val_{VAL_ROWS}.jsonl"
+def demo_head(name: str, rows: int) -> Path:
+    """The first ``rows`` rows of the demo file ``name`` (written once, under the ignored
+    .cache/), for fits that need real conversations but not all of them."""
+    path = ROOT / ".cache" / "tests" / f"{Path(name).stem}_{rows}.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = (ROOT / "data" / "demo" / "sft_val.jsonl").read_text(encoding="utf-8")
+        lines = (ROOT / "data" / "demo" / name).read_text(encoding="utf-8")
         partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text("".join(rows.splitlines(keepends=True)[:VAL_ROWS]), encoding="utf-8")
+        partial.write_text("".join(lines.splitlines(keepends=True)[:rows]), encoding="utf-8")
         partial.replace(path)  # whole or not there, whichever test process writes it
     return path
+
+
+def small_val_file() -> Path:
+    """The demo's first ``VAL_ROWS`` validation conversations: sample generation then
+    completes 8 prompts per validation, not 64."""
+    return demo_head("sft_val.jsonl", VAL_ROWS)
 
 
 def fit_args(runs: Path, model_dir: Path, max_steps: int, *extra: str) -> list[str]:
@@ -251,6 +257,10 @@ def test_two_process_ddp_fit_prepares_data_once_and_finishes(tmp_path):
             "true",
             "--data.init_args.batch_size",
             "4",
+            "--data.init_args.train_files",
+            str(demo_head("sft_train.jsonl", 400)),  # preparing all 8,000 is not the point
+            "--data.init_args.val_files",
+            str(small_val_file()),
             "--data.init_args.cache_dir",
             str(tmp_path / "cache"),
             "--trainer.logger.init_args.save_dir",

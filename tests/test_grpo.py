@@ -264,7 +264,32 @@ def fit_args(tmp_path, model_dir, data, steps, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-SUMS = [{"prompt": f"Add {a} and {b}.", "answer": str(a + b)} for a, b in
+def test_validation_reward_by_a_field_averages_the_rows_of_each_value(micro_model_dir):
+    import lightning.pytorch as pl
+
+    from src.errors import ConfigError
+
+    m = module(micro_model_dir, rewards=["tests.grpo_fixed.row_score"], reward_by="task")
+    rows = [
+        {"prompt": "Add 1 and 2.", "answer": "3", "task": "add", "score": 1.0},
+        {"prompt": "Count: a b", "answer": "2", "task": "count", "score": 0.25},
+        {"prompt": "Add 2 and 2.", "answer": "4", "task": "add", "score": 0.5},
+    ]
+    examples = [{"fields": {"task": t}} for t in ("upper", "count", "add", "add")]
+    m._reward_groups = m._group_values(examples)  # what setup reads off the validation rows
+    assert m._reward_groups == ["add", "count", "upper"] and m._group_values([]) == []
+    m._trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False)
+    terms = m.eval_terms(prompt_batch(m, rows))
+    sums = {k: v.item() for k, v in terms.sums.items() if k.startswith("reward_by/")}
+    counts = {k: v.item() for k, v in terms.counts.items() if k.startswith("reward_by/")}
+    assert sums == {"reward_by/add": 1.5, "reward_by/count": 0.25, "reward_by/upper": 0.0}
+    assert counts == {"reward_by/add": 2, "reward_by/count": 1, "reward_by/upper": 0}
+    with pytest.raises(ConfigError, match=r"reward_by: the validation rows have no field "
+                       r"'task' \(they have: answer, score\)"):  # fmt: skip
+        m._group_values([{"fields": {"answer": "3", "score": "1"}}])
+
+
+SUMS = [{"prompt": f"Add {a} and {b}.", "answer": str(a + b), "task": "add"} for a, b in
         [(1, 2), (3, 4), (5, 6), (7, 1), (2, 2), (9, 3), (4, 4), (6, 1)]]  # fmt: skip
 
 
@@ -281,6 +306,7 @@ def test_a_fit_logs_every_metric_and_the_completion_table(tmp_path, micro_model_
     for tag in ("reward", "rewards/exact_match", "rewards/letter_e", "completion_length",
                 "gen/exact_match"):  # fmt: skip
         assert [s for s, _ in scalars(run, f"val/{tag}")] == [0, 1], tag  # steps 0 and 2
+    assert scalars(run, "val/reward_by/add") == scalars(run, "val/reward")  # one task: all rows
     assert not scalars(run, "val/loss")  # evaluation scores completions; there is no loss
     entropy = scalars(run, "train/entropy")[0][1]
     assert 0 < entropy <= math.log(len(tokenizer))  # nats, at most a uniform vocabulary's

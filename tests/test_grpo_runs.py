@@ -21,10 +21,15 @@ from tests.test_e2e import scalars
 pytestmark = pytest.mark.slow
 
 ROWS = [
-    {"prompt": "Add 3 and 4.", "answer": "7", "fixed": ["7", "8", "7", "77"]},
-    {"prompt": "Add 1 and 1.", "answer": "2", "fixed": ["2", "2", "3", "22 2 2"]},
-    {"prompt": "Count: a b c", "answer": "3", "fixed": ["3", "three words", "4", "3"]},
-    {"prompt": "Count: a", "answer": "1", "fixed": ["1 1 1 1 1 1", "1", "0", "2"]},
+    {"prompt": "Add 3 and 4.", "answer": "7", "fixed": ["7", "8", "7", "77"], "task": "add"},
+    {"prompt": "Add 1 and 1.", "answer": "2", "fixed": ["2", "2", "3", "22 2 2"], "task": "add"},
+    {
+        "prompt": "Count: a b c",
+        "answer": "3",
+        "fixed": ["3", "three words", "4", "3"],
+        "task": "count",
+    },
+    {"prompt": "Count: a", "answer": "1", "fixed": ["1 1 1 1 1 1", "1", "0", "2"], "task": "count"},
 ]
 GRPO = (
     "--model.class_path", "tests.grpo_fixed.FixedCompletionsGRPO",

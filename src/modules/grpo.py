@@ -88,6 +88,8 @@ class GRPOModule(ReferencedModule):
         log_completions_every_n_steps: A TensorBoard table (``completions``) of the first
             micro-batch's prompts, completions, rewards and advantages this often (0: never).
         num_logged_completions: Rows of that table.
+        reward_by: A row field such as ``task``: validation also logs
+            ``val/reward_by/<value>``, the greedy reward of the rows with each of its values.
         seed: Seed of the sampling.
         **kwargs: See ``CausalLMModule`` (``max_new_tokens``: the completions' length limit;
             validation completes greedily with it too).
@@ -112,6 +114,7 @@ class GRPOModule(ReferencedModule):
         ref_model_name_or_path: str | None = None,
         log_completions_every_n_steps: int = 50,
         num_logged_completions: int = 8,
+        reward_by: str | None = None,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -143,6 +146,8 @@ class GRPOModule(ReferencedModule):
         self.ref_model_name_or_path = ref_model_name_or_path
         self.log_completions_every_n_steps = log_completions_every_n_steps
         self.num_logged_completions = num_logged_completions
+        self.reward_by = reward_by
+        self._reward_groups: list[str] = []  # the values of reward_by, from the validation rows
         self.seed = seed
         self.reference = Reference(ref_model_name_or_path) if beta > 0 else None
         self.stop_ids = generation_stop_ids(self.tokenizer)
@@ -158,6 +163,21 @@ class GRPOModule(ReferencedModule):
             datamodule.repeat_rounds(self.num_iterations, rows * self.trainer.world_size)
         elif stage == "fit" and self.num_iterations > 1:
             raise ConfigError("num_iterations > 1 needs a PromptDataModule (repeat_rounds)")
+        if self.reward_by is not None:
+            self._reward_groups = self._group_values(getattr(datamodule, "val_examples", []))
+
+    def _group_values(self, examples: list[dict[str, Any]]) -> list[str]:
+        """The values of ``reward_by`` in the validation rows, the same on every rank (each
+        metric is a sum reduced over ranks, whether or not a rank's rows have the value)."""
+        rows = [e.get("fields", {}) for e in examples]
+        values = sorted({str(f[self.reward_by]) for f in rows if f.get(self.reward_by) is not None})
+        if rows and not values:  # no validation rows at all: nothing to break down
+            have = sorted({k for f in rows for k in f})
+            raise ConfigError(
+                f"model.init_args.reward_by: the validation rows have no field "
+                f"{self.reward_by!r} (they have: {', '.join(have) or 'no other column'})"
+            )
+        return values
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -411,6 +431,13 @@ class GRPOModule(ReferencedModule):
         n = torch.tensor(float(len(total)), device=self.device)
         sums, counts = self._reward_sums(total, per_function)
         sums["completion_length"] = lengths.float().sum()
+        if self._reward_groups:
+            values = [str(f.get(self.reward_by)) for f in batch["fields"]]
+            for group in self._reward_groups:  # every one, present in these rows or not
+                rows = torch.tensor([v == group for v in values], dtype=torch.bool)
+                key = f"reward_by/{_metric_key(group)}"
+                sums[key] = torch.nansum(total[rows])
+                counts[key] = (~torch.isnan(total[rows])).float().sum()
         to = self.device
         sums = {k: v.to(to) for k, v in sums.items()}
         counts = {k: v.to(to) for k, v in counts.items()}
