@@ -47,7 +47,7 @@ check-template: $(STAMP) ## Probe the chat template of CONFIG's tokenizer; fails
 	$(BIN)/python -m src.preview --check-template --config $(CONFIG) $(ARGS)
 
 test: $(STAMP) ## Run the test suite but the heavy runs (TEST_JOBS=2 processes, a test file each)
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not heavy" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations 15 -m "not heavy" $(ARGS)
 
 test-all: $(STAMP) ## Run every test, the heavy runs too (DeepSpeed, FSDP1, benchmark smokes)
 	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
