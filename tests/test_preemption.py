@@ -385,7 +385,7 @@ def test_ctrl_c_to_train_py_saves_last_ckpt_exits_0_and_the_printed_command_resu
     command = shlex.split(resume)
     assert command[:2] == ["python", str(ROOT / "train.py")]
     assert command[-2:] == ["--ckpt_path", str(last)] and command.count("--ckpt_path") == 1
-    cli_main(command[2:])  # the printed arguments through train.py's entry point, in process
+    cli_main(command[2:])  # the printed arguments, in process, through what train.py calls
     assert_resumed_to_step_6(tmp_path)
 
 

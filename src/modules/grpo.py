@@ -171,7 +171,7 @@ class GRPOModule(ReferencedModule):
         metric is a sum reduced over ranks, whether or not a rank's rows have the value)."""
         rows = [e.get("fields", {}) for e in examples]
         values = sorted({str(f[self.reward_by]) for f in rows if f.get(self.reward_by) is not None})
-        if rows and not values:  # no validation rows at all: nothing to break down
+        if rows and not values:  # (without validation rows there is nothing to break down)
             have = sorted({k for f in rows for k in f})
             raise ConfigError(
                 f"model.init_args.reward_by: the validation rows have no field "
@@ -364,11 +364,10 @@ class GRPOModule(ReferencedModule):
         self, total: torch.Tensor, per_function: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The reward and each function's, summed over the rows that have one, and counted."""
-        sums = {"reward": torch.nansum(total)}
-        counts = {"reward": (~torch.isnan(total)).float().sum()}
+        sums, counts = {}, {}
+        sums["reward"], counts["reward"] = _scored_sum(total)
         for key, values in zip(self.reward_keys, per_function, strict=True):
-            sums[f"rewards/{key}"] = torch.nansum(values)
-            counts[f"rewards/{key}"] = (~torch.isnan(values)).float().sum()
+            sums[f"rewards/{key}"], counts[f"rewards/{key}"] = _scored_sum(values)
         return sums, counts
 
     def _decode(self, completion_ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
@@ -436,8 +435,7 @@ class GRPOModule(ReferencedModule):
             for group in self._reward_groups:  # every one, present in these rows or not
                 rows = torch.tensor([v == group for v in values], dtype=torch.bool)
                 key = f"reward_by/{_metric_key(group)}"
-                sums[key] = torch.nansum(total[rows])
-                counts[key] = (~torch.isnan(total[rows])).float().sum()
+                sums[key], counts[key] = _scored_sum(total[rows])
         to = self.device
         sums = {k: v.to(to) for k, v in sums.items()}
         counts = {k: v.to(to) for k, v in counts.items()}
@@ -503,6 +501,11 @@ def _sequences(
         labels[i, p : p + n] = torch.tensor(completion)
         attention[i, : p + n] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def _scored_sum(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum of the rewards and how many rows have one (NaN: a function had none)."""
+    return torch.nansum(rewards), (~torch.isnan(rewards)).float().sum()
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
